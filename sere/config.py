@@ -1,0 +1,84 @@
+"""User-facing SERE configuration (CLI, Serve args, `hf_overrides={"sere": {...}}`, YAML).
+
+Validated at the boundary; the hot path receives plain ints and floats.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+__all__ = ["SereConfig", "PolicyName", "Scope"]
+
+PolicyName = Literal["topk", "sere", "oea"]
+Scope = Literal["ep_group", "rank"]
+_POLICIES = ("topk", "sere", "oea")
+
+
+class SereConfig(BaseModel):
+    """How a model's routing is re-routed.
+
+    `num_primary` is S (each token's top-S experts form the batch's primary set); `threshold`
+    is rho (keep a secondary expert whose best primary is less similar than rho; 0 disables).
+    `threshold_quantile`, when set, replaces `threshold` by a per-layer quantile of the layer's
+    off-diagonal similarities, which means the same thing for every metric.
+    Steps with more than `max_decode_tokens` tokens (prefill, chunked prefill) are left alone.
+    `scope` sets who shares the primary set: the whole expert-parallel group or each rank.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    policy: str = "sere"
+    num_primary: int = Field(default=2, ge=1)
+    threshold: float = 0.0
+    threshold_quantile: float | None = None
+    max_decode_tokens: int = Field(default=256, ge=0)
+    scope: str = "ep_group"
+    similarity_path: str | None = None
+
+    @field_validator("policy")
+    @classmethod
+    def _known_policy(cls, value: str) -> str:
+        if value not in _POLICIES:
+            raise ValueError(f"policy={value!r} is unknown; choose one of {list(_POLICIES)}")
+        return value
+
+    @field_validator("scope")
+    @classmethod
+    def _known_scope(cls, value: str) -> str:
+        if value not in ("ep_group", "rank"):
+            raise ValueError(f"scope={value!r} is unknown; choose 'ep_group' or 'rank'")
+        return value
+
+    @field_validator("threshold")
+    @classmethod
+    def _threshold_in_unit_interval(cls, value: float) -> float:
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"threshold={value!r} is outside [0, 1]")
+        return value
+
+    @field_validator("threshold_quantile")
+    @classmethod
+    def _quantile_in_unit_interval(cls, value: float | None) -> float | None:
+        if value is not None and not 0.0 <= value <= 1.0:
+            raise ValueError(f"threshold_quantile={value!r} is outside [0, 1]")
+        return value
+
+    @model_validator(mode="after")
+    def _one_threshold_form(self) -> "SereConfig":
+        if self.threshold_quantile is not None and self.threshold > 0:
+            raise ValueError(
+                f"set either threshold ({self.threshold}) or threshold_quantile "
+                f"({self.threshold_quantile}), not both"
+            )
+        return self
+
+    def check_model(self, top_k: int, num_experts: int) -> None:
+        """Raise ValueError naming the field if this config cannot apply to the model."""
+        if self.policy != "topk" and self.num_primary >= top_k:
+            raise ValueError(
+                f"num_primary={self.num_primary} must be smaller than the model's top_k={top_k}"
+            )
+        if num_experts < 2:
+            raise ValueError(f"num_experts={num_experts}: re-routing needs at least 2 experts")
