@@ -116,7 +116,9 @@ def reroute_reference(
     best_id, best_val = _nearest_primary(similarity, primary)
 
     secondary = topk_ids[:, num_primary:].long()  # [T, K-S]
-    keep = primary[secondary]  # [T, K-S] already loaded
+    # already loaded, or nothing to re-route to (an empty P, e.g. an all-False external mask,
+    # or a NaN row: max() propagates NaN and NaN > -inf is False)
+    keep = primary[secondary] | ~(best_val[secondary] > float("-inf"))  # [T, K-S]
     if threshold > 0:
         rho = torch.tensor(threshold, dtype=torch.float32)
         keep = keep | (best_val[secondary] < rho)  # critical experts

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# CI check: the CUDA kernels compile with the CUDA toolkit alone (no torch, no GPU needed).
+# Usage: csrc/check_cuda_compile.sh   (from anywhere; NVCC=/path/to/nvcc to pick a compiler)
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+nvcc_bin="${NVCC:-nvcc}"
+if ! command -v "${nvcc_bin}" >/dev/null 2>&1; then
+  echo "SKIP: nvcc not found (install the CUDA toolkit or set NVCC); CUDA kernels not compiled"
+  exit 0
+fi
+
+out_dir="$(mktemp -d)"
+trap 'rm -rf "${out_dir}"' EXIT
+"${nvcc_bin}" --version | tail -n 1
+# sm_90 SASS (H100/H200) plus compute_80 PTX (JIT-compiled on any newer GPU), as setup.py builds.
+"${nvcc_bin}" -std=c++17 -O3 -Werror all-warnings \
+  -gencode arch=compute_90,code=sm_90 -gencode arch=compute_80,code=compute_80 \
+  -c "${here}/reroute_cuda.cu" -o "${out_dir}/reroute_cuda.o"
+# The plain form the issue asks CI to run.
+"${nvcc_bin}" -std=c++17 -arch=sm_90 -c "${here}/reroute_cuda.cu" -o "${out_dir}/reroute_cuda_sm90.o"
+echo "OK: csrc/reroute_cuda.cu compiles for sm_90 (+ compute_80 PTX)"

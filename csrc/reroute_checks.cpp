@@ -1,0 +1,83 @@
+#include "reroute_checks.h"
+
+#include <c10/util/Exception.h>
+
+#include <string>
+
+namespace sere {
+namespace {
+
+// "float32", "int64", ...: the spelling of Python's str(torch.dtype) without "torch.".
+std::string dtype_name(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kFloat: return "float32";
+    case at::kDouble: return "float64";
+    case at::kHalf: return "float16";
+    case at::kBFloat16: return "bfloat16";
+    case at::kByte: return "uint8";
+    case at::kChar: return "int8";
+    case at::kShort: return "int16";
+    case at::kInt: return "int32";
+    case at::kLong: return "int64";
+    case at::kBool: return "bool";
+    default: return c10::toString(dtype);
+  }
+}
+
+void check_topk_ids(const at::Tensor& topk_ids, int64_t num_primary) {
+  TORCH_CHECK_VALUE(
+      topk_ids.dim() == 2, "topk_ids must be 2-D [num_tokens, top_k], got shape ", topk_ids.sizes());
+  TORCH_CHECK_TYPE(
+      topk_ids.scalar_type() == at::kInt || topk_ids.scalar_type() == at::kLong,
+      "topk_ids must be int32 or int64, got ", dtype_name(topk_ids.scalar_type()));
+  TORCH_CHECK_VALUE(topk_ids.is_contiguous(), "topk_ids must be contiguous");
+  const int64_t top_k = topk_ids.size(1);
+  TORCH_CHECK_VALUE(
+      num_primary >= 1 && num_primary < top_k,
+      "num_primary must be in [1, top_k=", top_k, "), got ", num_primary);
+}
+
+}  // namespace
+
+void check_reroute_args(
+    const at::Tensor& topk_ids,
+    const at::Tensor& similarity,
+    int64_t num_primary,
+    double threshold,
+    const std::optional<at::Tensor>& primary) {
+  check_topk_ids(topk_ids, num_primary);
+  TORCH_CHECK_VALUE(
+      similarity.device() == topk_ids.device(), "similarity must be on the device of topk_ids (",
+      topk_ids.device(), "), got ", similarity.device());
+  TORCH_CHECK_VALUE(
+      similarity.dim() == 2 && similarity.size(0) == similarity.size(1) && similarity.size(0) >= 1,
+      "similarity must be a square [num_experts, num_experts] matrix with num_experts >= 1, "
+      "got shape ", similarity.sizes());
+  const auto sim_dtype = similarity.scalar_type();
+  TORCH_CHECK_TYPE(
+      sim_dtype == at::kFloat || sim_dtype == at::kBFloat16 || sim_dtype == at::kHalf,
+      "similarity must be float32, bfloat16 or float16, got ", dtype_name(sim_dtype));
+  TORCH_CHECK_VALUE(similarity.is_contiguous(), "similarity must be contiguous");
+  TORCH_CHECK_VALUE(threshold >= 0.0 && threshold <= 1.0, "threshold must be in [0, 1], got ", threshold);
+  if (!primary.has_value()) {
+    return;
+  }
+  const at::Tensor& mask = *primary;
+  const int64_t num_experts = similarity.size(0);
+  TORCH_CHECK_VALUE(
+      mask.device() == topk_ids.device(), "primary must be on the device of topk_ids (",
+      topk_ids.device(), "), got ", mask.device());
+  TORCH_CHECK_VALUE(
+      mask.dim() == 1 && mask.size(0) == num_experts,
+      "primary must be a 1-D [num_experts=", num_experts, "] mask, got shape ", mask.sizes());
+  TORCH_CHECK_TYPE(
+      mask.scalar_type() == at::kBool, "primary must be bool, got ", dtype_name(mask.scalar_type()));
+  TORCH_CHECK_VALUE(mask.is_contiguous(), "primary must be contiguous");
+}
+
+void check_primary_mask_args(const at::Tensor& topk_ids, int64_t num_experts, int64_t num_primary) {
+  check_topk_ids(topk_ids, num_primary);
+  TORCH_CHECK_VALUE(num_experts >= 1, "num_experts must be >= 1, got ", num_experts);
+}
+
+}  // namespace sere

@@ -1,0 +1,461 @@
+// CUDA kernels of sere::reroute and sere::primary_mask (SERE_SPEC section 2). Toolkit only.
+//
+// Shape legend: T tokens, K top-k slots, S = num_primary, E experts.
+//
+// Decode sizes (T * K <= kSingleBlockMaxSlots): ONE launch of one block that builds P, the
+// "before" set and the set of secondary experts in shared memory, computes the nearest primary of
+// each needed expert (a warp per expert), rewrites the slots and writes the statistics.
+// Larger batches: TWO launches. prepare_kernel (one block) builds P from the T * S primary slots,
+// computes the target of every expert and zeroes the workspace; slot_kernel (a grid over the
+// slots) rewrites them, and its last block to finish (threadfence-reduction pattern) sums the
+// per-expert flags into the statistics. No memset, no host sync, fixed-size workspace.
+#include "reroute_cuda.cuh"
+
+#include <math.h>
+
+namespace sere {
+namespace {
+
+constexpr int kWarpSize = 32;
+constexpr unsigned kFullMask = 0xffffffffu;
+constexpr int kSingleBlockThreads = 1024;
+constexpr int kPrepareThreads = 1024;
+constexpr int kSlotThreads = 256;
+constexpr int kSlotsPerThread = 8;
+constexpr int64_t kSlotsPerBlock = int64_t{kSlotThreads} * kSlotsPerThread;
+constexpr size_t kWorkspaceHeader = 32;  // 2 x u64 counters, u32 ticket, padding
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+__device__ __forceinline__ unsigned warp_sum(unsigned value) {
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+    value += __shfl_xor_sync(kFullMask, value, offset);
+  }
+  return value;
+}
+
+// New expert for a non-primary expert e, computed by one whole warp (call warp-uniformly):
+// p* = argmax_{p in P} sim[e, p] with ties to the lowest id, or e itself when P is empty or
+// (use_threshold and sim[e, p*] < threshold). NaN entries never compare greater: never chosen.
+template <typename SimT>
+__device__ int nearest_primary_warp(
+    const SimT* __restrict__ similarity,  // [E, E]
+    const unsigned char* in_primary,      // [E]
+    int e,
+    int num_experts,
+    bool use_threshold,
+    float threshold) {
+  const int lane = threadIdx.x % kWarpSize;
+  const SimT* row = similarity + static_cast<int64_t>(e) * num_experts;  // [E]
+  float best = -INFINITY;
+  int best_id = num_experts;  // none yet
+  for (int p = lane; p < num_experts; p += kWarpSize) {  // ascending: strict > keeps the lowest id
+    if (in_primary[p]) {
+      const float value = to_float(row[p]);
+      if (value > best) {
+        best = value;
+        best_id = p;
+      }
+    }
+  }
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+    const float other = __shfl_xor_sync(kFullMask, best, offset);
+    const int other_id = __shfl_xor_sync(kFullMask, best_id, offset);
+    if (other > best || (other == best && other_id < best_id)) {
+      best = other;
+      best_id = other_id;
+    }
+  }
+  if (best_id == num_experts || (use_threshold && best < threshold)) {
+    return e;  // nothing loaded, or a critical expert: kept
+  }
+  return best_id;
+}
+
+struct Workspace {
+  unsigned long long* counters;  // [2] rerouted_slots, critical_slots
+  unsigned* ticket;              // blocks of slot_kernel that have finished
+  int* target;                   // [E] new expert of every expert (itself when in P or kept)
+  unsigned char* in_primary;     // [E]
+  unsigned char* before;         // [E] seen in topk_ids
+  unsigned char* after;          // [E] seen in new_ids
+};
+
+Workspace carve_workspace(void* base, int num_experts) {
+  char* bytes = static_cast<char*>(base);
+  Workspace ws;
+  ws.counters = reinterpret_cast<unsigned long long*>(bytes);
+  ws.ticket = reinterpret_cast<unsigned*>(bytes + 2 * sizeof(unsigned long long));
+  ws.target = reinterpret_cast<int*>(bytes + kWorkspaceHeader);
+  ws.in_primary = reinterpret_cast<unsigned char*>(ws.target + num_experts);
+  ws.before = ws.in_primary + num_experts;
+  ws.after = ws.before + num_experts;
+  return ws;
+}
+
+template <typename IdT>
+__device__ __forceinline__ bool valid_id(IdT e, int num_experts) {
+  return e >= 0 && e < static_cast<IdT>(num_experts);
+}
+
+template <typename IdT, typename SimT>
+__global__ void __launch_bounds__(kSingleBlockThreads) single_block_kernel(
+    const IdT* __restrict__ topk_ids,     // [T, K]
+    IdT* __restrict__ new_ids,            // [T, K]
+    const SimT* __restrict__ similarity,  // [E, E]
+    const bool* __restrict__ primary,     // [E] or nullptr
+    int64_t num_tokens,
+    int top_k,
+    int num_primary,
+    int num_experts,
+    bool use_threshold,
+    float threshold,
+    int64_t* __restrict__ stats) {        // [5]
+  extern __shared__ __align__(16) unsigned char smem[];
+  int* target = reinterpret_cast<int*>(smem);                      // [E]
+  unsigned char* in_primary = smem + sizeof(int) * num_experts;    // [E]
+  unsigned char* before = in_primary + num_experts;                // [E]
+  unsigned char* after = before + num_experts;                     // [E]
+  unsigned char* needed = after + num_experts;                     // [E] secondary somewhere
+  __shared__ unsigned long long totals[5];                         // STAT_FIELDS order
+
+  const int tid = threadIdx.x;
+  const int64_t num_slots = num_tokens * top_k;
+  for (int e = tid; e < num_experts; e += blockDim.x) {
+    in_primary[e] = primary != nullptr ? primary[e] : 0;
+    before[e] = 0;
+    after[e] = 0;
+    needed[e] = 0;
+  }
+  if (tid < 5) {
+    totals[tid] = 0;
+  }
+  __syncthreads();
+
+  for (int64_t i = tid; i < num_slots; i += blockDim.x) {
+    const IdT e = topk_ids[i];
+    if (!valid_id(e, num_experts)) {
+      continue;
+    }
+    before[e] = 1;
+    if (i % top_k < num_primary) {
+      if (primary == nullptr) {
+        in_primary[e] = 1;
+      }
+    } else {
+      needed[e] = 1;
+    }
+  }
+  __syncthreads();
+
+  const int warp = tid / kWarpSize;
+  const int num_warps = blockDim.x / kWarpSize;
+  for (int e = warp; e < num_experts; e += num_warps) {
+    if (needed[e] && !in_primary[e]) {  // warp-uniform
+      const int new_e = nearest_primary_warp(similarity, in_primary, e, num_experts, use_threshold, threshold);
+      if (tid % kWarpSize == 0) {
+        target[e] = new_e;
+      }
+    }
+  }
+  __syncthreads();
+
+  unsigned rerouted = 0;
+  unsigned critical = 0;
+  for (int64_t i = tid; i < num_slots; i += blockDim.x) {
+    const IdT e = topk_ids[i];
+    IdT new_e = e;
+    if (valid_id(e, num_experts)) {
+      if (i % top_k >= num_primary && !in_primary[e]) {
+        new_e = static_cast<IdT>(target[e]);
+        rerouted += new_e != e;
+        critical += new_e == e;
+      }
+      after[new_e] = 1;
+    }
+    new_ids[i] = new_e;
+  }
+  rerouted = warp_sum(rerouted);
+  critical = warp_sum(critical);
+  if (tid % kWarpSize == 0) {
+    atomicAdd(&totals[3], static_cast<unsigned long long>(rerouted));
+    atomicAdd(&totals[4], static_cast<unsigned long long>(critical));
+  }
+  __syncthreads();
+
+  unsigned count_before = 0;
+  unsigned count_after = 0;
+  unsigned count_primary = 0;
+  for (int e = tid; e < num_experts; e += blockDim.x) {
+    count_before += before[e];
+    count_after += after[e];
+    count_primary += in_primary[e];
+  }
+  count_before = warp_sum(count_before);
+  count_after = warp_sum(count_after);
+  count_primary = warp_sum(count_primary);
+  if (tid % kWarpSize == 0) {
+    atomicAdd(&totals[0], static_cast<unsigned long long>(count_before));
+    atomicAdd(&totals[1], static_cast<unsigned long long>(count_after));
+    atomicAdd(&totals[2], static_cast<unsigned long long>(count_primary));
+  }
+  __syncthreads();
+  if (tid < 5) {
+    stats[tid] = static_cast<int64_t>(totals[tid]);
+  }
+}
+
+// One block: P from the primary slots, the target of every expert, a zeroed workspace.
+template <typename IdT, typename SimT>
+__global__ void __launch_bounds__(kPrepareThreads) prepare_kernel(
+    const IdT* __restrict__ topk_ids,     // [T, K]
+    const SimT* __restrict__ similarity,  // [E, E]
+    const bool* __restrict__ primary,     // [E] or nullptr
+    int64_t num_tokens,
+    int top_k,
+    int num_primary,
+    int num_experts,
+    bool use_threshold,
+    float threshold,
+    Workspace ws) {
+  extern __shared__ __align__(16) unsigned char in_primary[];  // [E]
+  const int tid = threadIdx.x;
+  for (int e = tid; e < num_experts; e += blockDim.x) {
+    in_primary[e] = primary != nullptr ? primary[e] : 0;
+    ws.before[e] = 0;
+    ws.after[e] = 0;
+  }
+  if (tid == 0) {
+    ws.counters[0] = 0;
+    ws.counters[1] = 0;
+    *ws.ticket = 0;
+  }
+  __syncthreads();
+  if (primary == nullptr) {
+    const int64_t num_primary_slots = num_tokens * num_primary;
+    for (int64_t j = tid; j < num_primary_slots; j += blockDim.x) {
+      const IdT e = topk_ids[(j / num_primary) * top_k + j % num_primary];
+      if (valid_id(e, num_experts)) {
+        in_primary[e] = 1;
+      }
+    }
+  }
+  __syncthreads();
+  const int warp = tid / kWarpSize;
+  const int num_warps = blockDim.x / kWarpSize;
+  for (int e = warp; e < num_experts; e += num_warps) {
+    const bool is_primary = in_primary[e] != 0;  // warp-uniform
+    const int new_e = is_primary
+        ? e
+        : nearest_primary_warp(similarity, in_primary, e, num_experts, use_threshold, threshold);
+    if (tid % kWarpSize == 0) {
+      ws.target[e] = new_e;
+      ws.in_primary[e] = is_primary;
+    }
+  }
+}
+
+// A grid over the slots; the last block to finish writes the statistics.
+template <typename IdT>
+__global__ void __launch_bounds__(kSlotThreads) slot_kernel(
+    const IdT* __restrict__ topk_ids,  // [T, K]
+    IdT* __restrict__ new_ids,         // [T, K]
+    int64_t num_tokens,
+    int top_k,
+    int num_primary,
+    int num_experts,
+    Workspace ws,
+    int64_t* __restrict__ stats) {     // [5]
+  extern __shared__ __align__(16) unsigned char smem[];
+  int* target = reinterpret_cast<int*>(smem);                    // [E]
+  unsigned char* in_primary = smem + sizeof(int) * num_experts;  // [E]
+  unsigned char* before = in_primary + num_experts;              // [E] this block's slots
+  unsigned char* after = before + num_experts;                   // [E] this block's slots
+  __shared__ bool is_last_block;
+
+  const int tid = threadIdx.x;
+  for (int e = tid; e < num_experts; e += blockDim.x) {
+    target[e] = ws.target[e];
+    in_primary[e] = ws.in_primary[e];
+    before[e] = 0;
+    after[e] = 0;
+  }
+  __syncthreads();
+
+  const int64_t num_slots = num_tokens * top_k;
+  const int64_t begin = blockIdx.x * kSlotsPerBlock;
+  const int64_t end = begin + kSlotsPerBlock < num_slots ? begin + kSlotsPerBlock : num_slots;
+  unsigned rerouted = 0;
+  unsigned critical = 0;
+  for (int64_t i = begin + tid; i < end; i += blockDim.x) {
+    const IdT e = topk_ids[i];
+    IdT new_e = e;
+    if (valid_id(e, num_experts)) {
+      before[e] = 1;
+      if (i % top_k >= num_primary && !in_primary[e]) {
+        new_e = static_cast<IdT>(target[e]);
+        rerouted += new_e != e;
+        critical += new_e == e;
+      }
+      after[new_e] = 1;
+    }
+    new_ids[i] = new_e;
+  }
+  rerouted = warp_sum(rerouted);
+  critical = warp_sum(critical);
+  if (tid % kWarpSize == 0) {
+    atomicAdd(&ws.counters[0], static_cast<unsigned long long>(rerouted));
+    atomicAdd(&ws.counters[1], static_cast<unsigned long long>(critical));
+  }
+  __syncthreads();
+  for (int e = tid; e < num_experts; e += blockDim.x) {
+    if (before[e]) {
+      ws.before[e] = 1;
+    }
+    if (after[e]) {
+      ws.after[e] = 1;
+    }
+  }
+  __threadfence();  // this block's flags and counters are visible before it takes a ticket
+  __syncthreads();
+  if (tid == 0) {
+    is_last_block = atomicAdd(ws.ticket, 1u) == gridDim.x - 1;
+  }
+  __syncthreads();
+  if (!is_last_block) {
+    return;
+  }
+  __threadfence();
+
+  const volatile unsigned char* all_before = ws.before;
+  const volatile unsigned char* all_after = ws.after;
+  unsigned count_before = 0;
+  unsigned count_after = 0;
+  unsigned count_primary = 0;
+  for (int e = tid; e < num_experts; e += blockDim.x) {
+    count_before += all_before[e];
+    count_after += all_after[e];
+    count_primary += in_primary[e];
+  }
+  __shared__ unsigned long long totals[3];
+  if (tid < 3) {
+    totals[tid] = 0;
+  }
+  __syncthreads();
+  count_before = warp_sum(count_before);
+  count_after = warp_sum(count_after);
+  count_primary = warp_sum(count_primary);
+  if (tid % kWarpSize == 0) {
+    atomicAdd(&totals[0], static_cast<unsigned long long>(count_before));
+    atomicAdd(&totals[1], static_cast<unsigned long long>(count_after));
+    atomicAdd(&totals[2], static_cast<unsigned long long>(count_primary));
+  }
+  __syncthreads();
+  if (tid == 0) {
+    const volatile unsigned long long* counters = ws.counters;
+    stats[0] = static_cast<int64_t>(totals[0]);
+    stats[1] = static_cast<int64_t>(totals[1]);
+    stats[2] = static_cast<int64_t>(totals[2]);
+    stats[3] = static_cast<int64_t>(counters[0]);
+    stats[4] = static_cast<int64_t>(counters[1]);
+  }
+}
+
+template <typename IdT>
+__global__ void __launch_bounds__(kSingleBlockThreads) primary_mask_kernel(
+    const IdT* __restrict__ topk_ids,  // [T, K]
+    bool* __restrict__ mask,           // [E]
+    int64_t num_tokens,
+    int top_k,
+    int num_primary,
+    int num_experts) {
+  const int tid = threadIdx.x;
+  for (int e = tid; e < num_experts; e += blockDim.x) {
+    mask[e] = false;
+  }
+  __syncthreads();  // the zeroes land before any thread sets a bit
+  const int64_t num_primary_slots = num_tokens * num_primary;
+  for (int64_t j = tid; j < num_primary_slots; j += blockDim.x) {
+    const IdT e = topk_ids[(j / num_primary) * top_k + j % num_primary];
+    if (valid_id(e, num_experts)) {
+      mask[e] = true;
+    }
+  }
+}
+
+}  // namespace
+
+size_t reroute_workspace_bytes(int64_t num_tokens, int top_k, int num_experts) {
+  if (num_tokens * top_k <= kSingleBlockMaxSlots) {
+    return 0;
+  }
+  return kWorkspaceHeader + (sizeof(int) + 3) * static_cast<size_t>(num_experts);
+}
+
+template <typename IdT, typename SimT>
+cudaError_t launch_reroute(
+    const IdT* topk_ids,
+    IdT* new_ids,
+    const SimT* similarity,
+    const bool* primary,
+    int64_t num_tokens,
+    int top_k,
+    int num_primary,
+    int num_experts,
+    bool use_threshold,
+    float threshold,
+    int64_t* stats,
+    void* workspace,
+    cudaStream_t stream) {
+  const int64_t num_slots = num_tokens * top_k;
+  if (num_slots <= kSingleBlockMaxSlots) {
+    const size_t smem = (sizeof(int) + 4) * static_cast<size_t>(num_experts);
+    single_block_kernel<IdT, SimT><<<1, kSingleBlockThreads, smem, stream>>>(
+        topk_ids, new_ids, similarity, primary, num_tokens, top_k, num_primary, num_experts,
+        use_threshold, threshold, stats);
+    return cudaGetLastError();
+  }
+  const Workspace ws = carve_workspace(workspace, num_experts);
+  prepare_kernel<IdT, SimT><<<1, kPrepareThreads, static_cast<size_t>(num_experts), stream>>>(
+      topk_ids, similarity, primary, num_tokens, top_k, num_primary, num_experts, use_threshold,
+      threshold, ws);
+  const int64_t num_blocks = (num_slots + kSlotsPerBlock - 1) / kSlotsPerBlock;
+  const size_t smem = (sizeof(int) + 3) * static_cast<size_t>(num_experts);
+  slot_kernel<IdT><<<static_cast<unsigned>(num_blocks), kSlotThreads, smem, stream>>>(
+      topk_ids, new_ids, num_tokens, top_k, num_primary, num_experts, ws, stats);
+  return cudaGetLastError();
+}
+
+template <typename IdT>
+cudaError_t launch_primary_mask(
+    const IdT* topk_ids,
+    bool* mask,
+    int64_t num_tokens,
+    int top_k,
+    int num_primary,
+    int num_experts,
+    cudaStream_t stream) {
+  primary_mask_kernel<IdT><<<1, kSingleBlockThreads, 0, stream>>>(
+      topk_ids, mask, num_tokens, top_k, num_primary, num_experts);
+  return cudaGetLastError();
+}
+
+#define SERE_INSTANTIATE_REROUTE(IdT, SimT)                                                      \
+  template cudaError_t launch_reroute<IdT, SimT>(                                                \
+      const IdT*, IdT*, const SimT*, const bool*, int64_t, int, int, int, bool, float, int64_t*, \
+      void*, cudaStream_t);
+
+SERE_INSTANTIATE_REROUTE(int32_t, float)
+SERE_INSTANTIATE_REROUTE(int32_t, __half)
+SERE_INSTANTIATE_REROUTE(int32_t, __nv_bfloat16)
+SERE_INSTANTIATE_REROUTE(int64_t, float)
+SERE_INSTANTIATE_REROUTE(int64_t, __half)
+SERE_INSTANTIATE_REROUTE(int64_t, __nv_bfloat16)
+#undef SERE_INSTANTIATE_REROUTE
+
+template cudaError_t launch_primary_mask<int32_t>(const int32_t*, bool*, int64_t, int, int, int, cudaStream_t);
+template cudaError_t launch_primary_mask<int64_t>(const int64_t*, bool*, int64_t, int, int, int, cudaStream_t);
+
+}  // namespace sere

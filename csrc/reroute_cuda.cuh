@@ -1,0 +1,68 @@
+// Launchers of the SERE CUDA kernels. Needs only the CUDA toolkit (no torch): raw pointers and
+// a stream, so that reroute_cuda.cu compiles on its own (csrc/check_cuda_compile.sh).
+//
+// Shape legend: T tokens, K top-k slots, S = num_primary, E experts.
+// Every launch is asynchronous on `stream`: no host sync, no allocation, graph-capturable.
+//
+// NOTE: ids cannot be range-checked on the GPU without a host sync. The kernels never read or
+// write out of bounds: an id outside [0, E) joins no set, is left unchanged in new_ids and is
+// counted in no statistic. The CPU op rejects such ids.
+// NOTE: similarity entries are compared with `>`: a NaN entry is never chosen (the CPU op rejects
+// non-finite entries it reads).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+
+namespace sere {
+
+// Largest E the CUDA kernels accept (their per-expert tables live in shared memory: 8 E bytes).
+constexpr int kCudaMaxExperts = 4096;
+// Up to this many slots (T * K) one block does everything in one launch; above it a prepare
+// kernel (one block) and a slot kernel (many blocks) run: two launches.
+constexpr int64_t kSingleBlockMaxSlots = 8192;
+
+// Bytes of the scratch buffer that launch_reroute needs (0 for the single-block path).
+size_t reroute_workspace_bytes(int64_t num_tokens, int top_k, int num_experts);
+
+// SERE re-routing (SERE_SPEC section 2).
+//   topk_ids [T, K], new_ids [T, K]: IdT = int32_t or int64_t, contiguous, distinct buffers.
+//   similarity [E, E]: SimT = float, __half or __nv_bfloat16, compared in float32.
+//   primary [E] bool or nullptr (nullptr: P from the first S slots of topk_ids).
+//   use_threshold: rho > 0; threshold: float32(rho).
+//   stats [5] int64: distinct_before, distinct_after, num_primary_experts, rerouted_slots,
+//     critical_slots (sere.reference.STAT_FIELDS).
+//   workspace: reroute_workspace_bytes(...) bytes (any contents), or nullptr when that is 0.
+// Returns cudaGetLastError() after the launches.
+template <typename IdT, typename SimT>
+cudaError_t launch_reroute(
+    const IdT* topk_ids,
+    IdT* new_ids,
+    const SimT* similarity,
+    const bool* primary,
+    int64_t num_tokens,
+    int top_k,
+    int num_primary,
+    int num_experts,
+    bool use_threshold,
+    float threshold,
+    int64_t* stats,
+    void* workspace,
+    cudaStream_t stream);
+
+// P as an [E] bool mask (written in full, no prior zeroing needed): one launch.
+template <typename IdT>
+cudaError_t launch_primary_mask(
+    const IdT* topk_ids,
+    bool* mask,
+    int64_t num_tokens,
+    int top_k,
+    int num_primary,
+    int num_experts,
+    cudaStream_t stream);
+
+}  // namespace sere

@@ -1,0 +1,23 @@
+// The SERE op schemas, declared once. Implementations: reroute_cpu.cpp (CPU) and
+// reroute_cuda_glue.cpp (CUDA, built only against a CUDA torch); fake kernels: sere/ops.py.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// `import sere._C` loads this shared library, whose static initialisers register the ops with
+// the dispatcher; the module itself is empty (no pybind: the ops are reached via torch.ops.sere).
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr, nullptr, nullptr, nullptr, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(sere, m) {
+  // new_ids: [T, K] like topk_ids; stats: [5] int64 in sere.reference.STAT_FIELDS order.
+  m.def(
+      "reroute(Tensor topk_ids, Tensor similarity, int num_primary, float threshold, "
+      "Tensor? primary=None) -> (Tensor new_ids, Tensor stats)");
+  // [E] bool mask of P = {topk_ids[t, s] : s < num_primary}; OR it across an EP group.
+  m.def("primary_mask(Tensor topk_ids, int num_experts, int num_primary) -> Tensor");
+}

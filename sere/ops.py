@@ -1,0 +1,269 @@
+"""The public re-routing API: the compiled `sere::reroute` op, else the reference with a warning.
+
+Shape legend:
+    T  tokens in the step          E  routed experts
+    K  top-k slots per token       S  num_primary (1 <= S < K)
+
+`reroute` runs `torch.ops.sere.reroute` (csrc/) when the extension `sere._C` is built with a
+kernel for the tensors' device, else `sere.reference.reroute_reference` (one warning per
+process). Both paths check their arguments with the same messages, each naming the argument.
+The compiled op never syncs with the host, so it runs inside CUDA graphs and `torch.compile`.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from sere.reference import STAT_FIELDS, reroute_reference, reroute_stats
+from sere.reference import primary_mask as _primary_mask_reference
+
+__all__ = ["HAS_COMPILED_OP", "primary_mask", "reroute", "reroute_with_stats"]
+
+try:
+    from sere import _C  # noqa: F401  (loading it registers torch.ops.sere.*)
+
+    _IMPORT_ERROR: Exception | None = None
+except ImportError as exc:  # not built, or built against another torch
+    _IMPORT_ERROR = exc
+
+HAS_COMPILED_OP = _IMPORT_ERROR is None
+# Device types with a compiled kernel ("cpu", and "cuda" for a CUDA build), fixed at import so
+# that the dispatch below is a constant under torch.compile.
+_COMPILED_DEVICE_TYPES = frozenset(
+    device_type
+    for device_type, key in (("cpu", "CPU"), ("cuda", "CUDA"))
+    if HAS_COMPILED_OP and torch._C._dispatch_has_kernel_for_dispatch_key("sere::reroute", key)
+)
+_FLOAT_SIMILARITY = (torch.float32, torch.bfloat16, torch.float16)
+_warned_fallback = False
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _check_topk_ids(topk_ids: torch.Tensor, num_primary: int) -> None:
+    if topk_ids.dim() != 2:
+        raise ValueError(f"topk_ids must be 2-D [num_tokens, top_k], got shape {list(topk_ids.shape)}")
+    if topk_ids.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"topk_ids must be int32 or int64, got {_dtype_name(topk_ids.dtype)}")
+    if not topk_ids.is_contiguous():
+        raise ValueError("topk_ids must be contiguous")
+    top_k = topk_ids.shape[1]
+    if not 1 <= num_primary < top_k:
+        raise ValueError(f"num_primary must be in [1, top_k={top_k}), got {num_primary}")
+
+
+def _check_reroute_args(
+    topk_ids: torch.Tensor,
+    similarity: torch.Tensor,
+    num_primary: int,
+    threshold: float,
+    primary: torch.Tensor | None,
+) -> None:
+    """The checks of csrc/reroute_checks.cpp, in the same order with the same messages."""
+    _check_topk_ids(topk_ids, num_primary)
+    if similarity.device != topk_ids.device:
+        raise ValueError(
+            f"similarity must be on the device of topk_ids ({topk_ids.device}), got {similarity.device}"
+        )
+    if similarity.dim() != 2 or similarity.shape[0] != similarity.shape[1] or similarity.shape[0] < 1:
+        raise ValueError(
+            "similarity must be a square [num_experts, num_experts] matrix with num_experts >= 1, "
+            f"got shape {list(similarity.shape)}"
+        )
+    if similarity.dtype not in _FLOAT_SIMILARITY:
+        raise TypeError(
+            f"similarity must be float32, bfloat16 or float16, got {_dtype_name(similarity.dtype)}"
+        )
+    if not similarity.is_contiguous():
+        raise ValueError("similarity must be contiguous")
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold must be in [0, 1], got {threshold:g}")
+    if primary is None:
+        return
+    num_experts = similarity.shape[0]
+    if primary.device != topk_ids.device:
+        raise ValueError(f"primary must be on the device of topk_ids ({topk_ids.device}), got {primary.device}")
+    if primary.dim() != 1 or primary.shape[0] != num_experts:
+        raise ValueError(
+            f"primary must be a 1-D [num_experts={num_experts}] mask, got shape {list(primary.shape)}"
+        )
+    if primary.dtype != torch.bool:
+        raise TypeError(f"primary must be bool, got {_dtype_name(primary.dtype)}")
+    if not primary.is_contiguous():
+        raise ValueError("primary must be contiguous")
+
+
+def _check_topk_weights(topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> None:
+    if topk_weights.shape != topk_ids.shape:
+        raise ValueError(
+            f"topk_weights must have the shape of topk_ids {list(topk_ids.shape)}, "
+            f"got {list(topk_weights.shape)}"
+        )
+    if not topk_weights.is_floating_point():
+        raise TypeError(f"topk_weights must be floating-point, got {_dtype_name(topk_weights.dtype)}")
+    if topk_weights.device != topk_ids.device:
+        raise ValueError(
+            f"topk_weights must be on the device of topk_ids ({topk_ids.device}), got {topk_weights.device}"
+        )
+
+
+def _can_sync(device: torch.device) -> bool:
+    """Whether data-dependent checks may read values back (not while tracing or capturing)."""
+    if torch.compiler.is_compiling() or device.type == "meta":
+        return False
+    return device.type != "cuda" or not torch.cuda.is_current_stream_capturing()
+
+
+def _check_values(topk_ids: torch.Tensor, num_experts: int, similarity: torch.Tensor | None) -> None:
+    """Range of the ids (first bad one in row-major order) and finiteness of `similarity`."""
+    bad = ((topk_ids < 0) | (topk_ids >= num_experts)).reshape(-1)  # [T * K]
+    if bool(bad.any()):
+        flat = int(bad.nonzero()[0])
+        row, col = divmod(flat, topk_ids.shape[1])
+        raise ValueError(
+            f"topk_ids[{row}, {col}] = {int(topk_ids.reshape(-1)[flat])} is outside "
+            f"[0, num_experts={num_experts})"
+        )
+    if similarity is None:
+        return
+    finite = torch.isfinite(similarity).reshape(-1)  # [E * E]
+    if not bool(finite.all()):
+        flat = int((~finite).nonzero()[0])
+        row, col = divmod(flat, num_experts)
+        raise ValueError(f"similarity[{row}, {col}] = {float(similarity[row, col])} is not finite")
+
+
+def _warn_fallback(device: torch.device, stacklevel: int) -> None:
+    """Warn once per process; `stacklevel` points the warning at the caller of the public API."""
+    global _warned_fallback
+    if _warned_fallback or torch.compiler.is_compiling():
+        return
+    _warned_fallback = True
+    if _IMPORT_ERROR is not None:
+        why = f"the extension sere._C is not built ({_IMPORT_ERROR})"
+    else:
+        why = f"sere._C was built without {device.type} kernels"
+    warnings.warn(
+        f"sere: {why}; using the slower Python reference sere.reference.reroute_reference. "
+        "Build it with `pip install --no-build-isolation -e .`",
+        RuntimeWarning,
+        stacklevel=stacklevel + 1,
+    )
+
+
+def _reroute_python(
+    topk_ids: torch.Tensor,
+    similarity: torch.Tensor,
+    num_primary: int,
+    threshold: float = 0.0,
+    primary: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fallback path with the op's contract: ([T, K] new ids, [5] int64 stats).
+
+    Slow (tens of small torch ops); validates like the compiled op, which rejects non-finite
+    entries of `similarity` only where it reads them (this path rejects any).
+    """
+    _check_reroute_args(topk_ids, similarity, num_primary, threshold, primary)
+    num_experts = similarity.shape[0]
+    if _can_sync(topk_ids.device):
+        _check_values(topk_ids, num_experts, similarity)
+    # the reference returns the weights it is given untouched: none are needed here
+    new_ids, _ = reroute_reference(topk_ids, None, similarity, num_primary, threshold, primary)
+    stats = reroute_stats(topk_ids, new_ids, num_experts, num_primary, primary)
+    return new_ids, stats
+
+
+def _dispatch(topk_ids, topk_weights, similarity, num_primary, threshold, primary):
+    """(new ids, stats) from the compiled op, else from the Python path."""
+    _check_topk_weights(topk_ids, topk_weights)
+    if topk_ids.device.type in _COMPILED_DEVICE_TYPES:
+        return torch.ops.sere.reroute(topk_ids, similarity, num_primary, float(threshold), primary)
+    _warn_fallback(topk_ids.device, stacklevel=3)
+    return _reroute_python(topk_ids, similarity, num_primary, float(threshold), primary)
+
+
+def reroute_with_stats(
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    similarity: torch.Tensor,
+    num_primary: int,
+    threshold: float = 0.0,
+    primary: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SERE re-routing (SERE_SPEC section 2) plus its statistics, without a host sync.
+
+    Args:
+        topk_ids: [T, K] int32/int64, contiguous, ids in [0, E), from the model's own router.
+        topk_weights: [T, K] float routing weights; returned unchanged (same object).
+        similarity: [E, E] float32/bfloat16/float16, contiguous, on the device of topk_ids.
+        num_primary: S, 1 <= S < K.
+        threshold: rho in [0, 1]; > 0 keeps a secondary expert whose best primary has
+            similarity < float32(rho) (a critical expert; it does not join P).
+        primary: optional [E] bool primary set (the OR over an expert-parallel group);
+            default: P from the first S slots of `topk_ids`.
+    Returns:
+        (new topk_ids [T, K] same dtype, topk_weights, stats [5] int64 in STAT_FIELDS order:
+        distinct_before, distinct_after, num_primary_experts, rerouted_slots, critical_slots).
+    Raises:
+        ValueError / TypeError naming the argument. On CPU, ids outside [0, E) raise, and so do
+        non-finite similarities that the op reads. On CUDA neither can be checked without a
+        sync: an id outside [0, E) is left unchanged and counted in no statistic, and a NaN
+        similarity is never chosen as the best primary.
+    """
+    new_ids, stats = _dispatch(topk_ids, topk_weights, similarity, num_primary, threshold, primary)
+    return new_ids, topk_weights, stats
+
+
+def reroute(
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    similarity: torch.Tensor,
+    num_primary: int,
+    threshold: float = 0.0,
+    primary: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SERE re-routing: (new topk_ids [T, K] same dtype, topk_weights unchanged).
+
+    Arguments as in `reroute_with_stats`.
+    """
+    new_ids, _ = _dispatch(topk_ids, topk_weights, similarity, num_primary, threshold, primary)
+    return new_ids, topk_weights
+
+
+def primary_mask(topk_ids: torch.Tensor, num_experts: int, num_primary: int) -> torch.Tensor:
+    """P = {topk_ids[t, s] : s < num_primary} as an [E] bool mask; OR it across an EP group.
+
+    Args:
+        topk_ids: [T, K] int32/int64, contiguous, ids in [0, E).
+        num_experts: E >= 1.
+        num_primary: S, 1 <= S < K.
+    """
+    if topk_ids.device.type in _COMPILED_DEVICE_TYPES:
+        return torch.ops.sere.primary_mask(topk_ids, num_experts, num_primary)
+    _warn_fallback(topk_ids.device, stacklevel=2)
+    _check_topk_ids(topk_ids, num_primary)
+    if num_experts < 1:
+        raise ValueError(f"num_experts must be >= 1, got {num_experts}")
+    if _can_sync(topk_ids.device):
+        _check_values(topk_ids, num_experts, None)
+    return _primary_mask_reference(topk_ids, num_experts, num_primary)
+
+
+if HAS_COMPILED_OP:
+
+    @torch.library.register_fake("sere::reroute")
+    def _reroute_fake(topk_ids, similarity, num_primary, threshold, primary=None):
+        _check_reroute_args(topk_ids, similarity, num_primary, threshold, primary)
+        stats = topk_ids.new_empty((len(STAT_FIELDS),), dtype=torch.int64)  # [5]
+        return torch.empty_like(topk_ids), stats
+
+    @torch.library.register_fake("sere::primary_mask")
+    def _primary_mask_fake(topk_ids, num_experts, num_primary):
+        _check_topk_ids(topk_ids, num_primary)
+        if num_experts < 1:
+            raise ValueError(f"num_experts must be >= 1, got {num_experts}")
+        return topk_ids.new_empty((num_experts,), dtype=torch.bool)  # [E]

@@ -1,0 +1,121 @@
+"""The compiled op against the reference (the spec): ids and stats compared exactly.
+
+Full cross product on the small dimensions (E = 8: every T, K, S, threshold, dtype and primary
+kind); a seeded sample on the large ones (E = 60, 64, 128, 256: 8 draws per token count). Similarities are quantised so
+that ties are frequent (and sim == threshold happens); ids are drawn from a skewed distribution
+so that P is small and many secondaries move.
+"""
+
+import itertools
+import random
+
+import pytest
+import torch
+
+import sere.ops
+from sere.reference import reroute_reference, reroute_stats
+
+pytestmark = pytest.mark.skipif(not sere.ops.HAS_COMPILED_OP, reason="sere._C is not built")
+
+TOKENS = (1, 2, 3, 7, 16, 33, 64, 128, 255, 512)
+TOP_KS = (2, 4, 6, 8)
+THRESHOLDS = (0.0, 0.3, 0.7)
+ID_DTYPES = (torch.int32, torch.int64)
+SIM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+PRIMARY_KINDS = ("own", "union", "foreign")  # None; own P OR other ranks'; an unrelated mask
+QUANTISATIONS = (4, 10, 16, None)  # sim rounded to multiples of 1/q (10: hits 0.3 and 0.7)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Thousands of tiny ops: intra-op threads only add contention (10x slower on 2 busy cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_topk_ids(gen, num_tokens, num_experts, top_k, duplicates=False):
+    """[T, K] ids, K distinct experts per token drawn with skewed popularity (or with repeats)."""
+    popularity = torch.rand(num_experts, generator=gen) ** 4 + 1e-3  # [E]
+    if duplicates:
+        return torch.multinomial(popularity.expand(num_tokens, -1), top_k, True, generator=gen)
+    return torch.multinomial(popularity.expand(num_tokens, -1), top_k, False, generator=gen)
+
+
+def make_similarity(gen, num_experts, levels):
+    """[E, E] float32 in [0, 1], diagonal 1, rounded to multiples of 1/levels (None: not)."""
+    sim = torch.rand(num_experts, num_experts, generator=gen)
+    if levels is not None:
+        sim = (sim * levels).round() / levels
+    return sim.fill_diagonal_(1.0)
+
+
+def make_primary(gen, kind, topk_ids, num_experts, num_primary):
+    """None, or an external [E] bool mask (never empty: see test_empty_primary_set_*)."""
+    if kind == "own":
+        return None
+    extra = torch.rand(num_experts, generator=gen) < 0.2  # [E]
+    if kind == "union":
+        own = torch.zeros(num_experts, dtype=torch.bool)
+        own[topk_ids[:, :num_primary].reshape(-1)] = True
+        return own | extra
+    extra[int(torch.randint(num_experts, (1,), generator=gen))] = True
+    return extra
+
+
+def check_against_reference(topk_ids, similarity, num_primary, threshold, primary):
+    """The op on int32 and int64 copies of `topk_ids` against one reference run."""
+    num_experts = similarity.shape[0]
+    ref_ids, _ = reroute_reference(topk_ids, None, similarity, num_primary, threshold, primary)
+    ref_stats = reroute_stats(topk_ids, ref_ids, num_experts, num_primary, primary)
+    for id_dtype in ID_DTYPES:
+        ids = topk_ids.to(id_dtype)
+        new_ids, stats = torch.ops.sere.reroute(ids, similarity, num_primary, threshold, primary)
+        case = (
+            f"T={ids.shape[0]} E={num_experts} K={ids.shape[1]} S={num_primary} rho={threshold} "
+            f"ids={id_dtype} sim={similarity.dtype} primary={primary is not None}"
+        )
+        assert new_ids.dtype == id_dtype, case
+        assert torch.equal(new_ids, ref_ids.to(id_dtype)), case
+        assert torch.equal(stats, ref_stats), f"{case}: {stats.tolist()} != {ref_stats.tolist()}"
+
+
+@pytest.mark.parametrize("top_k", TOP_KS)
+def test_small_experts_full_cross_product(top_k):
+    """E = 8: every (T, S, threshold, sim dtype, primary kind, id dtype)."""
+    num_experts = 8
+    gen = torch.Generator().manual_seed(1000 + top_k)
+    combos = itertools.product(TOKENS, range(1, top_k), SIM_DTYPES, PRIMARY_KINDS)
+    for i, (num_tokens, num_primary, sim_dtype, kind) in enumerate(combos):
+        ids = make_topk_ids(gen, num_tokens, num_experts, top_k, duplicates=i % 4 == 3)
+        sim = make_similarity(gen, num_experts, QUANTISATIONS[i % len(QUANTISATIONS)])
+        primary = make_primary(gen, kind, ids, num_experts, num_primary)
+        for threshold in THRESHOLDS:
+            check_against_reference(ids, sim.to(sim_dtype), num_primary, threshold, primary)
+
+
+@pytest.mark.parametrize("num_experts", (60, 64, 128, 256))
+@pytest.mark.parametrize("top_k", TOP_KS)
+def test_large_experts_sampled(num_experts, top_k):
+    rng = random.Random(num_experts * 100 + top_k)
+    gen = torch.Generator().manual_seed(num_experts * 100 + top_k)
+    for num_tokens in TOKENS:
+        for draw in range(8):
+            num_primary = rng.randrange(1, top_k)
+            ids = make_topk_ids(gen, num_tokens, num_experts, top_k, duplicates=draw == 7)
+            sim = make_similarity(gen, num_experts, rng.choice(QUANTISATIONS))
+            primary = make_primary(gen, rng.choice(PRIMARY_KINDS), ids, num_experts, num_primary)
+            threshold = rng.choice(THRESHOLDS)
+            check_against_reference(ids, sim.to(rng.choice(SIM_DTYPES)), num_primary, threshold, primary)
+
+
+@pytest.mark.parametrize("num_experts", (8, 128))
+def test_primary_mask_op_matches_reference(num_experts):
+    gen = torch.Generator().manual_seed(7)
+    for num_tokens, top_k, id_dtype in itertools.product((1, 33, 512), TOP_KS, ID_DTYPES):
+        ids = make_topk_ids(gen, num_tokens, num_experts, top_k).to(id_dtype)
+        for num_primary in range(1, top_k):
+            expected = torch.zeros(num_experts, dtype=torch.bool)
+            expected[ids[:, :num_primary].reshape(-1).long()] = True
+            assert torch.equal(sere.ops.primary_mask(ids, num_experts, num_primary), expected)
