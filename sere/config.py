@@ -11,9 +11,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 __all__ = ["SereConfig", "PolicyName", "Scope"]
 
-PolicyName = Literal["topk", "sere", "oea"]
+PolicyName = Literal["topk", "sere", "oea", "sere-err"]
 Scope = Literal["ep_group", "rank"]
-_POLICIES = ("topk", "sere", "oea")
+_POLICIES = ("topk", "sere", "oea", "sere-err")
 
 
 class SereConfig(BaseModel):
@@ -24,6 +24,8 @@ class SereConfig(BaseModel):
     `threshold_quantile`, when set, replaces `threshold` by a per-layer quantile of the layer's
     off-diagonal similarities, which means the same thing for every metric.
     Steps with more than `max_decode_tokens` tokens (prefill, chunked prefill) are left alone.
+    `sere-err` (error-aware) reads a `substitution_error` sidecar and uses `tolerance`,
+    `keep_cost`, `max_distinct` and `renormalize` (see `sere.reference.sere_err_reference`).
     `scope` sets who shares the primary set: the whole expert-parallel group or each rank.
     """
 
@@ -36,6 +38,10 @@ class SereConfig(BaseModel):
     max_decode_tokens: int = Field(default=256, ge=0)
     scope: str = "ep_group"
     similarity_path: str | None = None
+    tolerance: float = 1.0
+    keep_cost: float | None = Field(default=None, ge=0.0)
+    max_distinct: int | None = Field(default=None, ge=1)
+    renormalize: bool = False
 
     @field_validator("policy")
     @classmethod
@@ -56,6 +62,13 @@ class SereConfig(BaseModel):
     def _threshold_in_unit_interval(cls, value: float) -> float:
         if not 0.0 <= value <= 1.0:
             raise ValueError(f"threshold={value!r} is outside [0, 1]")
+        return value
+
+    @field_validator("tolerance")
+    @classmethod
+    def _tolerance_in_half_open_interval(cls, value: float) -> float:
+        if not 0.0 < value <= 1.0:
+            raise ValueError(f"tolerance={value!r} is outside (0, 1]")
         return value
 
     @field_validator("threshold_quantile")

@@ -15,6 +15,10 @@ Policies (SERE_SPEC sections 2 and 5):
           Weights are never changed.
     oea   Opportunistic Expert Activation (arXiv 2511.02237): every token keeps its top-S; its
           other K-S slots take the highest-router-score experts already loaded by the batch.
+    sere-err  error-aware re-routing (SERE_SPEC section 5): like sere, but the substitute is the
+          primary with the lowest calibrated substitution error, a slot whose best substitute is
+          worse than `tolerance` is dropped instead, and a slot whose weighted error is too large
+          to approximate keeps its expert (optionally within a budget of distinct experts).
 """
 
 from __future__ import annotations
@@ -26,11 +30,12 @@ __all__ = [
     "primary_mask",
     "reroute_reference",
     "oea_reference",
+    "sere_err_reference",
     "reroute_stats",
     "distinct_experts",
 ]
 
-POLICIES = ("topk", "sere", "oea")
+POLICIES = ("topk", "sere", "oea", "sere-err")
 
 # Index of each entry of the statistics vector returned by `reroute_stats` and the compiled op.
 STAT_FIELDS = (
@@ -176,6 +181,99 @@ def oea_reference(
     scale = topk_weights.float().sum(1, keepdim=True) / raw.sum(1, keepdim=True).clamp_min(1e-20)
     new_weights = (raw * scale).to(topk_weights.dtype)
     return new_ids.to(topk_ids.dtype), new_weights
+
+
+def _best_substitute(error: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For every expert e: (p*, err[e, p*]) with p* = argmin over p in P of err[e, p].
+
+    Ties go to the lowest expert id; an empty P (or a NaN row) gives error +inf.
+    Returns ([E] int64 ids, [E] float32 errors).
+    """
+    num_experts = error.shape[0]
+    masked = error.float().masked_fill(~mask[None, :], float("inf"))  # [E, E]
+    best_err = masked.min(dim=1).values  # [E]
+    expert_ids = torch.arange(num_experts, device=error.device)
+    candidates = torch.where(masked == best_err[:, None], expert_ids[None, :], num_experts)
+    best_id = candidates.min(dim=1).values.clamp_max(num_experts - 1)  # [E]
+    best_err = torch.where(best_err == best_err, best_err, float("inf"))  # NaN -> inf
+    return best_id, best_err
+
+
+def sere_err_reference(
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    error: torch.Tensor,
+    num_primary: int,
+    tolerance: float = 1.0,
+    keep_cost: float = float("inf"),
+    max_distinct: int | None = None,
+    renormalize: bool = False,
+    primary: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Error-aware re-routing (`sere-err`).
+
+    `error[i, j]` = E||Y_i - Y_j||^2 / E||Y_i||^2 over the calibration tokens routed to expert i:
+    the relative output error of running j instead of i (dropping i costs 1; diagonal 0).
+
+    For every secondary slot (t, s) whose expert e is not in P:
+        p* = argmin_{p in P} error[e, p] (ties: lowest id),  c = error[e, p*]
+        cost = topk_weights[t, s] * min(c, 1)      (the weighted error of approximating it)
+        critical if cost > keep_cost: the slot keeps e. With `max_distinct`, at most
+            max(0, max_distinct - |P|) distinct critical experts are kept: those with the
+            largest summed cost (ties: lowest id); the others are approximated.
+        approximated: substitute (id p*, weight kept) if c < tolerance, else drop
+            (id = the token's slot-0 expert, weight 0: an exact no-op in the [T, K] layout).
+    With `renormalize`, a token that dropped weight has its remaining weights rescaled to the
+    original sum. Slots < S never change; kept critical experts do not join P.
+
+    Args:
+        topk_ids: [T, K] int32/int64.  topk_weights: [T, K] float.
+        error: [E, E] float substitution errors.  num_primary: S, 1 <= S < K.
+        tolerance: in (0, 1]: the largest error at which a substitute is used.
+        keep_cost: weighted error above which a slot keeps its expert (inf: never).
+        max_distinct: optional budget of distinct experts per call (P included).
+        primary: optional [E] bool primary set (default: from `topk_ids`).
+    Returns:
+        (new topk_ids [T, K] same dtype, new topk_weights [T, K] same dtype).
+    """
+    num_tokens, top_k = topk_ids.shape
+    num_experts = error.shape[0]
+    if not 0 < num_primary < top_k:
+        raise ValueError(f"num_primary must be in [1, top_k={top_k}), got {num_primary}")
+    if not 0.0 < tolerance <= 1.0:
+        raise ValueError(f"tolerance={tolerance!r} must be in (0, 1]")
+    if primary is None:
+        primary = primary_mask(topk_ids, num_experts, num_primary)
+    best_id, best_err = _best_substitute(error, primary)
+
+    secondary = topk_ids[:, num_primary:].long()  # [T, K-S]
+    weights = topk_weights[:, num_primary:].float()  # [T, K-S]
+    loaded = primary[secondary]  # [T, K-S]
+    sub_err = best_err[secondary]  # [T, K-S]
+    cost = weights * sub_err.clamp_max(1.0)  # [T, K-S]
+    critical = ~loaded & (cost > keep_cost)
+    if max_distinct is not None:
+        budget = max(0, max_distinct - int(primary.sum()))
+        mass = torch.zeros(num_experts, device=cost.device).index_put_(
+            (secondary[critical],), cost[critical], accumulate=True
+        )  # [E] summed cost of the slots that want to keep each expert
+        order = torch.sort(mass, descending=True, stable=True).indices[:budget]
+        allowed = torch.zeros(num_experts, dtype=torch.bool, device=cost.device)
+        allowed[order] = True
+        critical = critical & allowed[secondary]
+    approximate = ~loaded & ~critical
+    substitute = approximate & (sub_err < tolerance)
+    drop = approximate & ~substitute
+
+    new_secondary = torch.where(substitute, best_id[secondary], secondary)
+    new_secondary = torch.where(drop, topk_ids[:, :1].long(), new_secondary)
+    new_ids = torch.cat([topk_ids[:, :num_primary], new_secondary.to(topk_ids.dtype)], dim=1)
+    new_weights = topk_weights.clone()
+    new_weights[:, num_primary:] = torch.where(drop, 0.0, topk_weights[:, num_primary:])
+    if renormalize:
+        scale = topk_weights.float().sum(1, keepdim=True) / new_weights.float().sum(1, keepdim=True)
+        new_weights = (new_weights.float() * scale).to(topk_weights.dtype)
+    return new_ids, new_weights
 
 
 def distinct_experts(topk_ids: torch.Tensor, num_experts: int) -> torch.Tensor:

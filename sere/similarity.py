@@ -1,5 +1,9 @@
 """The similarity sidecar: one [E, E] float32 matrix per MoE layer, next to the checkpoint.
 
+Similarity metrics (cosine, frobenius, cka) have a diagonal of 1. The error-aware policy's
+`substitution_error` matrices (err[i, j], the relative error of running j instead of i) have a
+diagonal of 0 and are stored the same way, with that metric name.
+
 File `sere_similarity.safetensors` holds tensors keyed `layers.{i}` (i = decoder layer index)
 and string metadata: metric, num_tokens, model_id, num_experts, format. The checkpoint itself
 is never rewritten. Every problem (missing file, missing layer, wrong shape, another model's
@@ -14,10 +18,11 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["SIDECAR_NAME", "Sidecar", "SidecarError", "save_sidecar", "load_sidecar", "resolve_sidecar"]
+__all__ = ["ERROR_METRIC", "SIDECAR_NAME", "Sidecar", "SidecarError", "save_sidecar", "load_sidecar", "resolve_sidecar"]
 
 SIDECAR_NAME = "sere_similarity.safetensors"
 FORMAT = "sere-similarity/1"
+ERROR_METRIC = "substitution_error"
 _KEY = "layers.{}"
 
 
@@ -79,7 +84,7 @@ def save_sidecar(
     path = resolve_sidecar(path)
     tensors = {}
     for layer, sim in sorted(matrices.items()):
-        _check_matrix(path, layer, sim, num_experts)
+        _check_matrix(path, layer, sim, num_experts, metric)
         tensors[_KEY.format(layer)] = sim.detach().to(torch.float32).contiguous().cpu()
     metadata = {
         "format": FORMAT,
@@ -141,8 +146,9 @@ def load_sidecar(
             f"{path}: made for a model with {file_experts} experts, this model has {num_experts} "
             f"(model_id in file: {metadata.get('model_id', '?')})"
         )
+    metric = metadata.get("metric", "unknown")
     for layer, sim in matrices.items():
-        _check_matrix(path, layer, sim, file_experts)
+        _check_matrix(path, layer, sim, file_experts, metric)
         matrices[layer] = sim.to(torch.float32)
     if layer_ids is not None:
         for layer in layer_ids:
@@ -158,7 +164,7 @@ def load_sidecar(
     return Sidecar(
         path=path,
         matrices=matrices,
-        metric=metadata.get("metric", "unknown"),
+        metric=metric,
         num_experts=file_experts,
         num_tokens=int(metadata.get("num_tokens", 0)),
         model_id=metadata.get("model_id", ""),
@@ -166,7 +172,7 @@ def load_sidecar(
     )
 
 
-def _check_matrix(path: Path, layer: int, sim: torch.Tensor, num_experts: int) -> None:
+def _check_matrix(path: Path, layer: int, sim: torch.Tensor, num_experts: int, metric: str) -> None:
     if sim.dim() != 2 or tuple(sim.shape) != (num_experts, num_experts):
         raise SidecarError(
             f"{path}: layer {layer} similarity has shape {tuple(sim.shape)}, "
@@ -177,7 +183,8 @@ def _check_matrix(path: Path, layer: int, sim: torch.Tensor, num_experts: int) -
     if not bool(torch.isfinite(sim).all()):
         raise SidecarError(f"{path}: layer {layer} similarity has non-finite values")
     diagonal = sim.float().diagonal()
-    if not math.isclose(float(diagonal.min()), 1.0, abs_tol=1e-3) or not math.isclose(
-        float(diagonal.max()), 1.0, abs_tol=1e-3
+    expected = 0.0 if metric == ERROR_METRIC else 1.0
+    if not math.isclose(float(diagonal.min()), expected, abs_tol=1e-3) or not math.isclose(
+        float(diagonal.max()), expected, abs_tol=1e-3
     ):
-        raise SidecarError(f"{path}: layer {layer} similarity diagonal is not 1")
+        raise SidecarError(f"{path}: layer {layer} {metric} diagonal is not {expected:g}")

@@ -19,6 +19,8 @@ def test_defaults_are_valid():
         ("threshold_quantile", 2.0, "threshold_quantile=2.0"),
         ("scope", "galaxy", "scope='galaxy'"),
         ("num_primary", 0, "num_primary"),
+        ("tolerance", 0.0, "tolerance=0.0"),
+        ("keep_cost", -1.0, "keep_cost"),
         ("bogus_field", 1, "bogus_field"),
     ],
 )

@@ -61,3 +61,12 @@ def test_corrupt_file_is_a_clear_error(tmp_path):
     (tmp_path / SIDECAR_NAME).write_bytes(b"not a safetensors file")
     with pytest.raises(SidecarError, match="not a readable safetensors file"):
         load_sidecar(tmp_path)
+
+
+def test_substitution_error_sidecar_has_a_zero_diagonal(tmp_path):
+    error = torch.rand(8, 8)
+    error.fill_diagonal_(0.0)
+    save_sidecar(tmp_path, {0: error}, metric="substitution_error", num_tokens=1, model_id="m", num_experts=8)
+    assert load_sidecar(tmp_path).metric == "substitution_error"
+    with pytest.raises(SidecarError, match="layer 0 cosine diagonal is not 1"):
+        save_sidecar(tmp_path, {0: error}, metric="cosine", num_tokens=1, model_id="m", num_experts=8)

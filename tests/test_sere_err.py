@@ -1,0 +1,103 @@
+"""The error-aware policy `sere-err` against hand cases and a loop-by-loop transcription."""
+
+import math
+
+import pytest
+import torch
+
+from sere.reference import primary_mask, sere_err_reference
+
+
+def _error(num_experts, entries):
+    """Substitution errors: 1 (as bad as dropping) except the listed (i, j) pairs; diagonal 0."""
+    error = torch.ones(num_experts, num_experts)
+    error.fill_diagonal_(0.0)
+    for (i, j), value in entries.items():
+        error[i, j] = value
+    return error
+
+
+def test_substitute_drop_and_keep_by_hand():
+    # P = {0, 1}. Secondaries: 2 (err to 1 is 0.2 -> substitute), 3 (best err 0.9 -> drop),
+    # 4 (err 0.95 but weight 0.6: cost 0.57 > keep_cost 0.5 -> critical, kept).
+    #   token 0: [0 | 2 3]  w [.5 .3 .2]   ->  [0 | 1 0]  w [.5 .3 0]
+    #   token 1: [1 | 4 2]  w [.2 .6 .2]   ->  [1 | 4 1]  w [.2 .6 .2]
+    ids = torch.tensor([[0, 2, 3], [1, 4, 2]])
+    weights = torch.tensor([[0.5, 0.3, 0.2], [0.2, 0.6, 0.2]])
+    error = _error(5, {(2, 1): 0.2, (3, 0): 0.9, (4, 1): 0.95})
+    new_ids, new_w = sere_err_reference(ids, weights, error, 1, tolerance=0.5, keep_cost=0.5)
+    assert new_ids.tolist() == [[0, 1, 0], [1, 4, 1]]
+    torch.testing.assert_close(new_w, torch.tensor([[0.5, 0.3, 0.0], [0.2, 0.6, 0.2]]))
+    # a budget of 2 distinct experts (= |P|) leaves no room for the critical expert 4: it is
+    # approximated, and its best error 0.95 >= tolerance drops it
+    new_ids, new_w = sere_err_reference(ids, weights, error, 1, tolerance=0.5, keep_cost=0.5, max_distinct=2)
+    assert new_ids.tolist() == [[0, 1, 0], [1, 1, 1]]
+    assert new_w[1, 1] == 0
+    # renormalised: token 0 lost 0.2 of weight 1.0
+    _, new_w = sere_err_reference(ids, weights, error, 1, tolerance=0.5, renormalize=True)
+    torch.testing.assert_close(new_w[0], torch.tensor([0.5, 0.3, 0.0]) / 0.8)
+
+
+def test_ties_go_to_the_lowest_primary():
+    ids = torch.tensor([[3, 0], [1, 2]])  # P = {1, 3}; expert 0 and 2 are equally close to both
+    error = _error(4, {(0, 1): 0.3, (0, 3): 0.3, (2, 1): 0.4, (2, 3): 0.4})
+    new_ids, _ = sere_err_reference(ids, torch.ones(2, 2), error, 1)
+    assert new_ids.tolist() == [[3, 1], [1, 1]]
+
+
+def by_hand(ids, weights, error, num_primary, tolerance, keep_cost, max_distinct, renormalize):
+    primaries = sorted({row[s] for row in ids for s in range(num_primary)})
+    decisions = {}
+    for t, row in enumerate(ids):
+        for s in range(num_primary, len(row)):
+            e = row[s]
+            if e in primaries:
+                continue
+            best = min(primaries, key=lambda p: (float(error[e, p]), p))
+            c = float(error[e, best])
+            decisions[t, s] = (best, c, weights[t][s] * min(c, 1.0))
+    critical = {k for k, (_, _, cost) in decisions.items() if cost > keep_cost}
+    if max_distinct is not None:
+        mass = {}
+        for t, s in critical:
+            mass[ids[t][s]] = mass.get(ids[t][s], 0.0) + decisions[t, s][2]
+        ranked = sorted(range(len(error)), key=lambda e: (-mass.get(e, 0.0), e))
+        allowed = set(ranked[: max(0, max_distinct - len(primaries))])
+        critical = {k for k in critical if ids[k[0]][k[1]] in allowed}
+    out_ids = [list(r) for r in ids]
+    out_w = [list(r) for r in weights]
+    for (t, s), (best, c, _) in decisions.items():
+        if (t, s) in critical:
+            continue
+        if c < tolerance:
+            out_ids[t][s] = best
+        else:
+            out_ids[t][s] = ids[t][0]
+            out_w[t][s] = 0.0
+    if renormalize:
+        out_w = [[w * sum(orig) / sum(new) for w in new] for orig, new in zip(weights, out_w)]
+    return out_ids, out_w
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("tolerance", [0.3, 0.8, 1.0])
+@pytest.mark.parametrize("keep_cost, max_distinct", [(math.inf, None), (0.05, None), (0.05, 6)])
+@pytest.mark.parametrize("renormalize", [False, True])
+def test_reference_equals_loop_transcription(seed, tolerance, keep_cost, max_distinct, renormalize):
+    gen = torch.Generator().manual_seed(seed)
+    scores = torch.rand(12, 16, generator=gen).softmax(1)
+    weights, ids = scores.topk(4, dim=1)
+    error = (torch.rand(16, 16, generator=gen) * 1.4 * 8).floor() / 8  # quantised: frequent ties
+    error.fill_diagonal_(0.0)
+    new_ids, new_w = sere_err_reference(ids, weights, error, 2, tolerance, keep_cost, max_distinct, renormalize)
+    want_ids, want_w = by_hand(ids.tolist(), weights.tolist(), error, 2, tolerance, keep_cost, max_distinct, renormalize)
+    assert new_ids.tolist() == want_ids
+    torch.testing.assert_close(new_w, torch.tensor(want_w))
+    experts = set(new_ids[new_w > 0].tolist()) | set(primary_mask(ids, 16, 2).nonzero().flatten().tolist())
+    if max_distinct is not None:
+        assert len(experts) <= max(max_distinct, int(primary_mask(ids, 16, 2).sum()))
+
+
+def test_bad_tolerance_is_named():
+    with pytest.raises(ValueError, match="tolerance=1.5"):
+        sere_err_reference(torch.tensor([[0, 1]]), torch.ones(1, 2), torch.zeros(2, 2), 1, tolerance=1.5)
