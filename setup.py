@@ -12,10 +12,16 @@ import torch
 from setuptools import setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
-CPU_SOURCES = ["csrc/sere_ops.cpp", "csrc/reroute_checks.cpp", "csrc/reroute_cpu.cpp"]
-CUDA_SOURCES = ["csrc/reroute_cuda.cu", "csrc/reroute_cuda_glue.cpp"]
-# Portable: no -march=native (wheels and CI may run on another CPU).
-CXX_FLAGS = ["-O3", "-Wall", "-Wextra", "-Wno-unused-parameter"]
+CPU_SOURCES = [
+    "csrc/sere_ops.cpp",
+    "csrc/reroute_checks.cpp",
+    "csrc/reroute_cpu.cpp",
+    "csrc/reroute_err_cpu.cpp",
+]
+CUDA_SOURCES = ["csrc/reroute_cuda.cu", "csrc/reroute_err_cuda.cu", "csrc/reroute_cuda_glue.cpp"]
+# Portable: no -march=native (wheels and CI may run on another CPU). No fused multiply-add
+# (-ffp-contract=off): reroute_err must round each float32 step like the PyTorch reference.
+CXX_FLAGS = ["-O3", "-Wall", "-Wextra", "-Wno-unused-parameter", "-ffp-contract=off"]
 # sm_90 machine code (H100/H200) and compute_80 PTX that newer GPUs JIT-compile.
 NVCC_FLAGS = [
     "-O3",

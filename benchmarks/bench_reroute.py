@@ -4,6 +4,9 @@ For each shape (E experts x K top-k x S primaries) and token count T, in one run
   op      torch.ops.sere.reroute (ids + stats), the compiled kernel alone
   api     sere.ops.reroute, the public call (argument checks + dispatch + op)
   ref     sere.reference.reroute_reference (ids only: less work than the op)
+  err op / err ref  the error-aware op torch.ops.sere.reroute_err (ids, weights, stats; tolerance
+          1, keep_cost --err-keep-cost, no budget) and its reference sere_err_reference, where
+          sere._C has that op (else "-")
   moe     one Qwen3-30B-A3B-like MoE layer's decode in plain PyTorch (bf16, hidden 2048, expert
           width 768, a loop over the distinct experts, each on the tokens routed to it), with the
           model's routing (topk) and after SERE re-routing (sere); the op's share is op / moe topk.
@@ -27,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 import sere.ops
-from sere.reference import reroute_reference
+from sere.reference import reroute_reference, sere_err_reference
 
 HIDDEN = 2048  # Qwen3-30B-A3B hidden size
 EXPERT_WIDTH = 768  # Qwen3-30B-A3B moe_intermediate_size
@@ -47,6 +50,8 @@ class Row:
     op_share_pct: float | None
     distinct_before: int
     distinct_after: int
+    err_op_ms: float | None = None
+    err_ref_ms: float | None = None
 
 
 def parse_shape(text: str) -> tuple[int, int, int]:
@@ -74,6 +79,13 @@ def similarity_matrix(num_experts, device, seed):
     gen = torch.Generator().manual_seed(seed)
     sim = torch.rand(num_experts, num_experts, generator=gen)
     return ((sim + sim.T) / 2).fill_diagonal_(1.0).to(device)
+
+
+def error_matrix(num_experts, device, seed):
+    """[E, E] float32 substitution errors in [0.3, 1.2) with diagonal 0 (stands in for a calibrated one)."""
+    gen = torch.Generator().manual_seed(seed)
+    error = 0.3 + 0.9 * torch.rand(num_experts, num_experts, generator=gen)
+    return error.fill_diagonal_(0.0).to(device)
 
 
 def _sync(device):
@@ -182,6 +194,8 @@ def bench_shape(shape, args, device):
     name = f"{num_experts}x{top_k}x{num_primary}"
     sim = similarity_matrix(num_experts, device, seed=num_experts).to(getattr(torch, args.sim_dtype))
     threshold = args.threshold
+    with_err = not args.no_err and device.type in sere.ops._COMPILED_ERR_DEVICE_TYPES
+    error = error_matrix(num_experts, device, seed=num_experts)
     inner = 10  # calls per sample: one cold call after the others ran does not dominate
     rows, routings = [], []
     moe_threads = torch.get_num_threads()
@@ -193,6 +207,12 @@ def bench_shape(shape, args, device):
             "api": lambda: sere.ops.reroute(ids, weights, sim, num_primary, threshold),
             "ref": lambda: reroute_reference(ids, weights, sim, num_primary, threshold),
         }
+        if with_err:
+            keep_cost = args.err_keep_cost
+            fns["err_op"] = lambda: torch.ops.sere.reroute_err(
+                ids, weights, error, num_primary, 1.0, keep_cost, 0, False, None
+            )
+            fns["err_ref"] = lambda: sere_err_reference(ids, weights, error, num_primary, 1.0, keep_cost)
         timed = median_ms(fns, device, args.repeats, args.warmup, inner)
         graph_ms = graph_replay_ms(fns["op"], args.repeats) if device.type == "cuda" else None
         new_ids, stats = fns["op"]()
@@ -200,7 +220,7 @@ def bench_shape(shape, args, device):
         before, after = stats[0].item(), stats[1].item()
         speedup = timed["ref"] / timed["op"]
         rows.append(Row(name, num_tokens, timed["op"], timed["api"], timed["ref"], graph_ms, speedup,
-                        None, None, None, before, after))
+                        None, None, None, before, after, timed.get("err_op"), timed.get("err_ref")))
         print(format_row(rows[-1]), flush=True)
     torch.set_num_threads(moe_threads)
     if args.no_moe:
@@ -218,7 +238,8 @@ def bench_shape(shape, args, device):
 
 HEADER = (
     f"{'shape ExKxS':>11} {'T':>4} {'op ms':>9} {'api ms':>9} {'ref ms':>9} {'graph ms':>9} "
-    f"{'ref/op':>7} {'moe topk ms':>11} {'moe sere ms':>11} {'op share':>9} {'distinct':>9}"
+    f"{'ref/op':>7} {'moe topk ms':>11} {'moe sere ms':>11} {'op share':>9} {'distinct':>9} "
+    f"{'err op ms':>9} {'err ref ms':>10}"
 )
 
 
@@ -231,7 +252,8 @@ def format_row(row: Row) -> str:
         f"{row.shape:>11} {row.tokens:>4} {row.op_ms:>9.4f} {row.api_ms:>9.4f} {row.ref_ms:>9.4f} "
         f"{_fmt(row.graph_ms, 9, 4)} {row.speedup:>6.1f}x {_fmt(row.moe_topk_ms, 11, 2)} "
         f"{_fmt(row.moe_sere_ms, 11, 2)} {_fmt(row.op_share_pct, 8, 3)}% "
-        f"{row.distinct_before:>4}->{row.distinct_after:<4}"
+        f"{row.distinct_before:>4}->{row.distinct_after:<4} "
+        f"{_fmt(row.err_op_ms, 9, 4)} {_fmt(row.err_ref_ms, 10, 4)}"
     )
 
 
@@ -246,6 +268,7 @@ def conditions(args, device):
         "threshold": args.threshold,
         "similarity_dtype": args.sim_dtype,
         "ids_dtype": "int32",
+        "err_op": None if args.no_err else f"tolerance 1, keep_cost {args.err_keep_cost:g}, no budget, float32 errors",
         "repeats": args.repeats,
         "moe_repeats": args.moe_repeats,
         "moe_layer": f"bf16 SwiGLU experts, hidden {HIDDEN}, width {EXPERT_WIDTH}, per-expert loop",
@@ -305,6 +328,8 @@ def main(argv=None):
     parser.add_argument("--moe-repeats", type=int, default=None, help="timed MoE runs (default: 3 CPU, 50 CUDA)")
     parser.add_argument("--no-moe", action="store_true", help="skip the MoE layer")
     parser.add_argument("--threshold", type=float, default=0.0)
+    parser.add_argument("--no-err", action="store_true", help="skip the error-aware op (sere-err) columns")
+    parser.add_argument("--err-keep-cost", type=float, default=0.05, help="keep_cost of the sere-err op")
     parser.add_argument("--sim-dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads for the MoE layer")
     parser.add_argument(

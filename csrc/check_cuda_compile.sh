@@ -14,9 +14,11 @@ out_dir="$(mktemp -d)"
 trap 'rm -rf "${out_dir}"' EXIT
 "${nvcc_bin}" --version | tail -n 1
 # sm_90 SASS (H100/H200) plus compute_80 PTX (JIT-compiled on any newer GPU), as setup.py builds.
-"${nvcc_bin}" -std=c++17 -O3 -Werror all-warnings \
-  -gencode arch=compute_90,code=sm_90 -gencode arch=compute_80,code=compute_80 \
-  -c "${here}/reroute_cuda.cu" -o "${out_dir}/reroute_cuda.o"
-# The plain form the issue asks CI to run.
-"${nvcc_bin}" -std=c++17 -arch=sm_90 -c "${here}/reroute_cuda.cu" -o "${out_dir}/reroute_cuda_sm90.o"
-echo "OK: csrc/reroute_cuda.cu compiles for sm_90 (+ compute_80 PTX)"
+for name in reroute_cuda reroute_err_cuda; do
+  "${nvcc_bin}" -std=c++17 -O3 -Werror all-warnings \
+    -gencode arch=compute_90,code=sm_90 -gencode arch=compute_80,code=compute_80 \
+    -c "${here}/${name}.cu" -o "${out_dir}/${name}.o"
+  # The plain form the issue asks CI to run.
+  "${nvcc_bin}" -std=c++17 -arch=sm_90 -c "${here}/${name}.cu" -o "${out_dir}/${name}_sm90.o"
+  echo "OK: csrc/${name}.cu compiles for sm_90 (+ compute_80 PTX)"
+done

@@ -37,33 +37,29 @@ void check_topk_ids(const at::Tensor& topk_ids, int64_t num_primary) {
       "num_primary must be in [1, top_k=", top_k, "), got ", num_primary);
 }
 
-}  // namespace
-
-void check_reroute_args(
-    const at::Tensor& topk_ids,
-    const at::Tensor& similarity,
-    int64_t num_primary,
-    double threshold,
-    const std::optional<at::Tensor>& primary) {
-  check_topk_ids(topk_ids, num_primary);
+// A square [num_experts, num_experts] float32/bfloat16/float16 matrix on the device of topk_ids.
+void check_expert_matrix(const at::Tensor& matrix, const char* name, const at::Tensor& topk_ids) {
   TORCH_CHECK_VALUE(
-      similarity.device() == topk_ids.device(), "similarity must be on the device of topk_ids (",
-      topk_ids.device(), "), got ", similarity.device());
+      matrix.device() == topk_ids.device(), name, " must be on the device of topk_ids (",
+      topk_ids.device(), "), got ", matrix.device());
   TORCH_CHECK_VALUE(
-      similarity.dim() == 2 && similarity.size(0) == similarity.size(1) && similarity.size(0) >= 1,
-      "similarity must be a square [num_experts, num_experts] matrix with num_experts >= 1, "
-      "got shape ", similarity.sizes());
-  const auto sim_dtype = similarity.scalar_type();
+      matrix.dim() == 2 && matrix.size(0) == matrix.size(1) && matrix.size(0) >= 1,
+      name, " must be a square [num_experts, num_experts] matrix with num_experts >= 1, "
+      "got shape ", matrix.sizes());
+  const auto dtype = matrix.scalar_type();
   TORCH_CHECK_TYPE(
-      sim_dtype == at::kFloat || sim_dtype == at::kBFloat16 || sim_dtype == at::kHalf,
-      "similarity must be float32, bfloat16 or float16, got ", dtype_name(sim_dtype));
-  TORCH_CHECK_VALUE(similarity.is_contiguous(), "similarity must be contiguous");
-  TORCH_CHECK_VALUE(threshold >= 0.0 && threshold <= 1.0, "threshold must be in [0, 1], got ", threshold);
+      dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
+      name, " must be float32, bfloat16 or float16, got ", dtype_name(dtype));
+  TORCH_CHECK_VALUE(matrix.is_contiguous(), name, " must be contiguous");
+}
+
+// The optional [E] bool primary mask on the device of topk_ids.
+void check_primary(
+    const std::optional<at::Tensor>& primary, const at::Tensor& topk_ids, int64_t num_experts) {
   if (!primary.has_value()) {
     return;
   }
   const at::Tensor& mask = *primary;
-  const int64_t num_experts = similarity.size(0);
   TORCH_CHECK_VALUE(
       mask.device() == topk_ids.device(), "primary must be on the device of topk_ids (",
       topk_ids.device(), "), got ", mask.device());
@@ -73,6 +69,47 @@ void check_reroute_args(
   TORCH_CHECK_TYPE(
       mask.scalar_type() == at::kBool, "primary must be bool, got ", dtype_name(mask.scalar_type()));
   TORCH_CHECK_VALUE(mask.is_contiguous(), "primary must be contiguous");
+}
+
+}  // namespace
+
+void check_reroute_args(
+    const at::Tensor& topk_ids,
+    const at::Tensor& similarity,
+    int64_t num_primary,
+    double threshold,
+    const std::optional<at::Tensor>& primary) {
+  check_topk_ids(topk_ids, num_primary);
+  check_expert_matrix(similarity, "similarity", topk_ids);
+  TORCH_CHECK_VALUE(threshold >= 0.0 && threshold <= 1.0, "threshold must be in [0, 1], got ", threshold);
+  check_primary(primary, topk_ids, similarity.size(0));
+}
+
+void check_reroute_err_args(
+    const at::Tensor& topk_ids,
+    const at::Tensor& topk_weights,
+    const at::Tensor& error,
+    int64_t num_primary,
+    double tolerance,
+    double keep_cost,
+    const std::optional<at::Tensor>& primary) {
+  check_topk_ids(topk_ids, num_primary);
+  TORCH_CHECK_VALUE(
+      topk_weights.device() == topk_ids.device(), "topk_weights must be on the device of topk_ids (",
+      topk_ids.device(), "), got ", topk_weights.device());
+  TORCH_CHECK_VALUE(
+      topk_weights.sizes() == topk_ids.sizes(), "topk_weights must have the shape of topk_ids ",
+      topk_ids.sizes(), ", got ", topk_weights.sizes());
+  const auto weight_dtype = topk_weights.scalar_type();
+  TORCH_CHECK_TYPE(
+      weight_dtype == at::kFloat || weight_dtype == at::kBFloat16 || weight_dtype == at::kHalf,
+      "topk_weights must be float32, bfloat16 or float16, got ", dtype_name(weight_dtype));
+  TORCH_CHECK_VALUE(topk_weights.is_contiguous(), "topk_weights must be contiguous");
+  check_expert_matrix(error, "error", topk_ids);
+  TORCH_CHECK_VALUE(tolerance > 0.0 && tolerance <= 1.0, "tolerance must be in (0, 1], got ", tolerance);
+  // NaN fails this check too; +inf (never keep) passes.
+  TORCH_CHECK_VALUE(keep_cost >= 0.0, "keep_cost must be >= 0 (inf: never keep), got ", keep_cost);
+  check_primary(primary, topk_ids, error.size(0));
 }
 
 void check_primary_mask_args(const at::Tensor& topk_ids, int64_t num_experts, int64_t num_primary) {

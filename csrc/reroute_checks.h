@@ -11,6 +11,9 @@ namespace sere {
 
 // Length of the stats vector returned by sere::reroute (sere.reference.STAT_FIELDS).
 constexpr int64_t kNumStats = 5;
+// Length of the stats vector returned by sere::reroute_err: STAT_FIELDS + ("dropped_slots",)
+// (sere.ops.ERR_STAT_FIELDS).
+constexpr int64_t kNumErrStats = 6;
 
 // Shape, dtype, device and contiguity of every argument of sere::reroute. The range of the ids
 // is left to the backend (checked on CPU; a GPU cannot check it without a host sync).
@@ -19,6 +22,17 @@ void check_reroute_args(
     const at::Tensor& similarity,
     int64_t num_primary,
     double threshold,
+    const std::optional<at::Tensor>& primary);
+
+// Shape, dtype, device and contiguity of every argument of sere::reroute_err, and the ranges of
+// tolerance (0, 1] and keep_cost (>= 0, inf allowed). max_distinct needs no check (<= 0: no budget).
+void check_reroute_err_args(
+    const at::Tensor& topk_ids,
+    const at::Tensor& topk_weights,
+    const at::Tensor& error,
+    int64_t num_primary,
+    double tolerance,
+    double keep_cost,
     const std::optional<at::Tensor>& primary);
 
 // Arguments of sere::primary_mask (same rules for topk_ids and num_primary).

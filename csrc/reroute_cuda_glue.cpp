@@ -1,4 +1,4 @@
-// Torch glue of the CUDA kernels (reroute_cuda.cu): checks, fixed-size outputs allocated on the
+// Torch glue of the CUDA kernels (reroute_cuda.cu, reroute_err_cuda.cu): checks, fixed-size outputs allocated on the
 // tensor's device, launch on the current stream. Built only against a CUDA torch.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -9,6 +9,7 @@
 
 #include "reroute_checks.h"
 #include "reroute_cuda.cuh"
+#include "reroute_err_cuda.cuh"
 
 namespace sere {
 namespace {
@@ -127,10 +128,92 @@ at::Tensor primary_mask_cuda(const at::Tensor& topk_ids, int64_t num_experts, in
   return mask;
 }
 
+// Dtype dispatch of launch_reroute_err: at::Half / at::BFloat16 share the 16-bit layouts of
+// __half / __nv_bfloat16.
+template <typename T>
+struct CudaType {
+  using type = T;
+};
+template <>
+struct CudaType<at::Half> {
+  using type = __half;
+};
+template <>
+struct CudaType<at::BFloat16> {
+  using type = __nv_bfloat16;
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> reroute_err_cuda(
+    const at::Tensor& topk_ids,
+    const at::Tensor& topk_weights,
+    const at::Tensor& error,
+    int64_t num_primary,
+    double tolerance,
+    double keep_cost,
+    int64_t max_distinct,
+    bool renormalize,
+    const std::optional<at::Tensor>& primary) {
+  check_reroute_err_args(topk_ids, topk_weights, error, num_primary, tolerance, keep_cost, primary);
+  const int64_t num_experts = error.size(0);
+  TORCH_CHECK_VALUE(
+      num_experts <= kCudaMaxExperts, "error has num_experts=", num_experts,
+      "; the CUDA op supports at most ", kCudaMaxExperts);
+  // NOTE: no multi-block path: the CUDA op is for decode-sized steps (one thread block).
+  TORCH_CHECK_VALUE(
+      topk_ids.numel() <= kSingleBlockMaxSlots,
+      "sere::reroute_err on CUDA supports num_tokens * top_k <= ", kSingleBlockMaxSlots,
+      " (one thread block, decode sizes), got topk_ids shape ", topk_ids.sizes(),
+      "; skip re-routing for such steps (prefill) or run them on CPU");
+  const c10::cuda::CUDAGuard device_guard(topk_ids.device());
+  at::Tensor new_ids = at::empty(topk_ids.sizes(), topk_ids.options());                 // [T, K]
+  at::Tensor new_weights = at::empty(topk_weights.sizes(), topk_weights.options());     // [T, K]
+  at::Tensor stats = at::empty({kNumErrStats}, topk_ids.options().dtype(at::kLong));  // [6]
+  const bool* primary_ptr = primary.has_value() ? primary->data_ptr<bool>() : nullptr;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  cudaError_t status = cudaSuccess;
+
+  const auto run = [&](auto id_tag, auto weight_tag, auto err_tag) {
+    using IdT = decltype(id_tag);
+    using WeightT = typename CudaType<decltype(weight_tag)>::type;
+    using ErrT = typename CudaType<decltype(err_tag)>::type;
+    status = launch_reroute_err<IdT, WeightT, ErrT>(
+        topk_ids.data_ptr<IdT>(), reinterpret_cast<const WeightT*>(topk_weights.data_ptr()),
+        reinterpret_cast<const ErrT*>(error.data_ptr()), primary_ptr, new_ids.data_ptr<IdT>(),
+        reinterpret_cast<WeightT*>(new_weights.data_ptr()), stats.data_ptr<int64_t>(),
+        topk_ids.size(0), static_cast<int>(topk_ids.size(1)), static_cast<int>(num_primary),
+        static_cast<int>(num_experts), static_cast<float>(tolerance), static_cast<float>(keep_cost),
+        max_distinct, renormalize, stream);
+  };
+  const auto with_err = [&](auto id_tag, auto weight_tag) {
+    switch (error.scalar_type()) {
+      case at::kFloat: run(id_tag, weight_tag, float{}); break;
+      case at::kBFloat16: run(id_tag, weight_tag, at::BFloat16{}); break;
+      case at::kHalf: run(id_tag, weight_tag, at::Half{}); break;
+      default: TORCH_CHECK(false, "unreachable: error dtype was checked");
+    }
+  };
+  const auto with_weights = [&](auto id_tag) {
+    switch (topk_weights.scalar_type()) {
+      case at::kFloat: with_err(id_tag, float{}); break;
+      case at::kBFloat16: with_err(id_tag, at::BFloat16{}); break;
+      case at::kHalf: with_err(id_tag, at::Half{}); break;
+      default: TORCH_CHECK(false, "unreachable: topk_weights dtype was checked");
+    }
+  };
+  if (topk_ids.scalar_type() == at::kInt) {
+    with_weights(int32_t{});
+  } else {
+    with_weights(int64_t{});
+  }
+  TORCH_CHECK(status == cudaSuccess, "sere::reroute_err CUDA launch failed: ", cudaGetErrorString(status));
+  return {new_ids, new_weights, stats};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(sere, CUDA, m) {
   m.impl("reroute", &reroute_cuda);
+  m.impl("reroute_err", &reroute_err_cuda);
   m.impl("primary_mask", &primary_mask_cuda);
 }
 

@@ -1,5 +1,5 @@
-// The SERE op schemas, declared once. Implementations: reroute_cpu.cpp (CPU) and
-// reroute_cuda_glue.cpp (CUDA, built only against a CUDA torch); fake kernels: sere/ops.py.
+// The SERE op schemas, declared once. Implementations: reroute_cpu.cpp and reroute_err_cpu.cpp
+// (CPU), reroute_cuda_glue.cpp (CUDA, built only against a CUDA torch); fake kernels: sere/ops.py.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -18,6 +18,13 @@ TORCH_LIBRARY(sere, m) {
   m.def(
       "reroute(Tensor topk_ids, Tensor similarity, int num_primary, float threshold, "
       "Tensor? primary=None) -> (Tensor new_ids, Tensor stats)");
+  // Error-aware re-routing (sere.reference.sere_err_reference). new_ids [T, K] like topk_ids,
+  // new_weights [T, K] like topk_weights, stats [6] int64 in sere.ops.ERR_STAT_FIELDS order
+  // (STAT_FIELDS + dropped_slots). max_distinct <= 0: no budget; keep_cost may be inf.
+  m.def(
+      "reroute_err(Tensor topk_ids, Tensor topk_weights, Tensor error, int num_primary, "
+      "float tolerance, float keep_cost, int max_distinct, bool renormalize, Tensor? primary=None) "
+      "-> (Tensor new_ids, Tensor new_weights, Tensor stats)");
   // [E] bool mask of P = {topk_ids[t, s] : s < num_primary}; OR it across an EP group.
   m.def("primary_mask(Tensor topk_ids, int num_experts, int num_primary) -> Tensor");
 }

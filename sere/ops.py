@@ -1,4 +1,5 @@
-"""The public re-routing API: the compiled `sere::reroute` op, else the reference with a warning.
+"""The public re-routing API: the compiled `sere::reroute` / `sere::reroute_err` ops, else the
+reference with a warning.
 
 Shape legend:
     T  tokens in the step          E  routed experts
@@ -8,6 +9,10 @@ Shape legend:
 kernel for the tensors' device, else `sere.reference.reroute_reference` (one warning per
 process). Both paths check their arguments with the same messages, each naming the argument.
 The compiled op never syncs with the host, so it runs inside CUDA graphs and `torch.compile`.
+
+`reroute_err` (error-aware re-routing, policy `sere-err`) runs `torch.ops.sere.reroute_err` the
+same way, else `sere.reference.sere_err_reference`. Its statistics have one more entry than
+`STAT_FIELDS`: `ERR_STAT_FIELDS` = STAT_FIELDS + ("dropped_slots",).
 """
 
 from __future__ import annotations
@@ -16,10 +21,30 @@ import warnings
 
 import torch
 
-from sere.reference import STAT_FIELDS, reroute_reference, reroute_stats
+from sere.reference import (
+    STAT_FIELDS,
+    _best_substitute,
+    reroute_reference,
+    reroute_stats,
+    sere_err_reference,
+)
 from sere.reference import primary_mask as _primary_mask_reference
 
-__all__ = ["HAS_COMPILED_OP", "primary_mask", "reroute", "reroute_with_stats"]
+__all__ = [
+    "ERR_STAT_FIELDS",
+    "HAS_COMPILED_OP",
+    "primary_mask",
+    "reroute",
+    "reroute_err",
+    "reroute_err_with_stats",
+    "reroute_with_stats",
+]
+
+# Statistics of `reroute_err_with_stats` (and torch.ops.sere.reroute_err), an [6] int64 vector:
+# STAT_FIELDS, where critical_slots counts the secondary slots that keep a non-primary expert
+# because approximating it costs more than keep_cost, plus
+#   dropped_slots: secondary slots dropped (set to the token's slot-0 expert with weight 0).
+ERR_STAT_FIELDS = STAT_FIELDS + ("dropped_slots",)
 
 try:
     from sere import _C  # noqa: F401  (loading it registers torch.ops.sere.*)
@@ -38,6 +63,21 @@ _COMPILED_DEVICE_TYPES = frozenset(
 )
 _FLOAT_SIMILARITY = (torch.float32, torch.bfloat16, torch.float16)
 _warned_fallback = False
+
+
+def _has_op(name: str) -> bool:
+    """Whether the loaded sere._C declares torch.ops.sere.<name> (an older build may not)."""
+    return HAS_COMPILED_OP and hasattr(torch.ops.sere, name)
+
+
+_HAS_ERR_OP = _has_op("reroute_err")
+# Like _COMPILED_DEVICE_TYPES, for sere::reroute_err.
+_COMPILED_ERR_DEVICE_TYPES = frozenset(
+    device_type
+    for device_type, key in (("cpu", "CPU"), ("cuda", "CUDA"))
+    if _HAS_ERR_OP and torch._C._dispatch_has_kernel_for_dispatch_key("sere::reroute_err", key)
+)
+_warned_err_fallback = False
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -65,26 +105,31 @@ def _check_reroute_args(
 ) -> None:
     """The checks of csrc/reroute_checks.cpp, in the same order with the same messages."""
     _check_topk_ids(topk_ids, num_primary)
-    if similarity.device != topk_ids.device:
-        raise ValueError(
-            f"similarity must be on the device of topk_ids ({topk_ids.device}), got {similarity.device}"
-        )
-    if similarity.dim() != 2 or similarity.shape[0] != similarity.shape[1] or similarity.shape[0] < 1:
-        raise ValueError(
-            "similarity must be a square [num_experts, num_experts] matrix with num_experts >= 1, "
-            f"got shape {list(similarity.shape)}"
-        )
-    if similarity.dtype not in _FLOAT_SIMILARITY:
-        raise TypeError(
-            f"similarity must be float32, bfloat16 or float16, got {_dtype_name(similarity.dtype)}"
-        )
-    if not similarity.is_contiguous():
-        raise ValueError("similarity must be contiguous")
+    _check_expert_matrix(similarity, "similarity", topk_ids)
     if not 0.0 <= threshold <= 1.0:
         raise ValueError(f"threshold must be in [0, 1], got {threshold:g}")
+    _check_primary(primary, topk_ids, similarity.shape[0])
+
+
+def _check_expert_matrix(matrix: torch.Tensor, name: str, topk_ids: torch.Tensor) -> None:
+    """A square [E, E] float32/bfloat16/float16 contiguous matrix on the device of topk_ids."""
+    if matrix.device != topk_ids.device:
+        raise ValueError(f"{name} must be on the device of topk_ids ({topk_ids.device}), got {matrix.device}")
+    if matrix.dim() != 2 or matrix.shape[0] != matrix.shape[1] or matrix.shape[0] < 1:
+        raise ValueError(
+            f"{name} must be a square [num_experts, num_experts] matrix with num_experts >= 1, "
+            f"got shape {list(matrix.shape)}"
+        )
+    if matrix.dtype not in _FLOAT_SIMILARITY:
+        raise TypeError(f"{name} must be float32, bfloat16 or float16, got {_dtype_name(matrix.dtype)}")
+    if not matrix.is_contiguous():
+        raise ValueError(f"{name} must be contiguous")
+
+
+def _check_primary(primary: torch.Tensor | None, topk_ids: torch.Tensor, num_experts: int) -> None:
+    """The optional [E] bool contiguous primary mask on the device of topk_ids."""
     if primary is None:
         return
-    num_experts = similarity.shape[0]
     if primary.device != topk_ids.device:
         raise ValueError(f"primary must be on the device of topk_ids ({topk_ids.device}), got {primary.device}")
     if primary.dim() != 1 or primary.shape[0] != num_experts:
@@ -95,6 +140,40 @@ def _check_reroute_args(
         raise TypeError(f"primary must be bool, got {_dtype_name(primary.dtype)}")
     if not primary.is_contiguous():
         raise ValueError("primary must be contiguous")
+
+
+def _check_reroute_err_args(
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    error: torch.Tensor,
+    num_primary: int,
+    tolerance: float,
+    keep_cost: float,
+    primary: torch.Tensor | None,
+) -> None:
+    """The checks of csrc/reroute_checks.cpp (check_reroute_err_args), same order, same messages."""
+    _check_topk_ids(topk_ids, num_primary)
+    if topk_weights.device != topk_ids.device:
+        raise ValueError(
+            f"topk_weights must be on the device of topk_ids ({topk_ids.device}), got {topk_weights.device}"
+        )
+    if topk_weights.shape != topk_ids.shape:
+        raise ValueError(
+            f"topk_weights must have the shape of topk_ids {list(topk_ids.shape)}, "
+            f"got {list(topk_weights.shape)}"
+        )
+    if topk_weights.dtype not in _FLOAT_SIMILARITY:
+        raise TypeError(
+            f"topk_weights must be float32, bfloat16 or float16, got {_dtype_name(topk_weights.dtype)}"
+        )
+    if not topk_weights.is_contiguous():
+        raise ValueError("topk_weights must be contiguous")
+    _check_expert_matrix(error, "error", topk_ids)
+    if not 0.0 < tolerance <= 1.0:
+        raise ValueError(f"tolerance must be in (0, 1], got {tolerance:g}")
+    if not keep_cost >= 0.0:  # NaN fails too; inf (never keep) passes
+        raise ValueError(f"keep_cost must be >= 0 (inf: never keep), got {keep_cost:g}")
+    _check_primary(primary, topk_ids, error.shape[0])
 
 
 def _check_topk_weights(topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> None:
@@ -234,6 +313,156 @@ def reroute(
     return new_ids, topk_weights
 
 
+def _warn_err_fallback(device: torch.device, stacklevel: int) -> None:
+    """Like `_warn_fallback`, once per process, for the error-aware op."""
+    global _warned_err_fallback
+    if _warned_err_fallback or torch.compiler.is_compiling():
+        return
+    _warned_err_fallback = True
+    if _IMPORT_ERROR is not None:
+        why = f"the extension sere._C is not built ({_IMPORT_ERROR})"
+    elif not _HAS_ERR_OP:
+        why = "sere._C predates sere::reroute_err"
+    else:
+        why = f"sere._C was built without {device.type} kernels for sere::reroute_err"
+    warnings.warn(
+        f"sere: {why}; using the slower Python reference sere.reference.sere_err_reference. "
+        "Build it with `pip install --no-build-isolation -e .`",
+        RuntimeWarning,
+        stacklevel=stacklevel + 1,
+    )
+
+
+def _err_stats(topk_ids, new_ids, new_weights, error, num_primary, tolerance, primary):
+    """[6] int64 statistics in ERR_STAT_FIELDS order from the reference's inputs and outputs.
+
+    A non-primary secondary slot was substituted (new id in P), kept (same id) or dropped (slot-0
+    id, weight 0). Only a slot whose best error reaches `tolerance` can be dropped; it is told
+    apart from a kept one by its id, or, where the slot-0 expert is its own, by its zero weight.
+    """
+    num_experts = error.shape[0]
+    if primary is None:
+        primary = _primary_mask_reference(topk_ids, num_experts, num_primary)
+    _, best_err = _best_substitute(error, primary)  # [E] float32
+    old_tail = topk_ids[:, num_primary:].long()  # [T, K-S]
+    new_tail = new_ids[:, num_primary:].long()  # [T, K-S]
+    outside = ~primary[old_tail]
+    unchanged = new_tail == old_tail
+    no_substitute = ~(best_err[old_tail] < tolerance)  # compared in float32, like the reference
+    dropped = outside & no_substitute & (~unchanged | (new_weights[:, num_primary:] == 0))
+    critical = outside & unchanged & ~dropped
+    base = reroute_stats(topk_ids, new_ids, num_experts, num_primary, primary)  # [5]
+    return torch.cat([base[:4], torch.stack([critical.sum(), dropped.sum()])]).to(torch.int64)
+
+
+def _reroute_err_python(
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    error: torch.Tensor,
+    num_primary: int,
+    tolerance: float,
+    keep_cost: float,
+    max_distinct: int,
+    renormalize: bool,
+    primary: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The fallback path with the op's contract (max_distinct <= 0: no budget):
+    ([T, K] new ids, [T, K] new weights, [6] int64 stats)."""
+    _check_reroute_err_args(topk_ids, topk_weights, error, num_primary, tolerance, keep_cost, primary)
+    if _can_sync(topk_ids.device):
+        _check_values(topk_ids, error.shape[0], None)
+    new_ids, new_weights = sere_err_reference(
+        topk_ids, topk_weights, error, num_primary, tolerance, keep_cost,
+        max_distinct if max_distinct > 0 else None, renormalize, primary,
+    )
+    stats = _err_stats(topk_ids, new_ids, new_weights, error, num_primary, tolerance, primary)
+    return new_ids, new_weights, stats
+
+
+def _dispatch_err(
+    topk_ids, topk_weights, error, num_primary, tolerance, keep_cost, max_distinct, renormalize, primary
+):
+    """(new ids, new weights, stats) from the compiled op, else from the Python path."""
+    if max_distinct is not None and max_distinct < 1:
+        raise ValueError(f"max_distinct must be >= 1 or None, got {max_distinct}")
+    args = (
+        topk_ids, topk_weights, error, num_primary, float(tolerance), float(keep_cost),
+        0 if max_distinct is None else int(max_distinct), bool(renormalize), primary,
+    )
+    if topk_ids.device.type in _COMPILED_ERR_DEVICE_TYPES:
+        return torch.ops.sere.reroute_err(*args)
+    _warn_err_fallback(topk_ids.device, stacklevel=3)
+    return _reroute_err_python(*args)
+
+
+def reroute_err_with_stats(
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    error: torch.Tensor,
+    num_primary: int,
+    tolerance: float = 1.0,
+    keep_cost: float = float("inf"),
+    max_distinct: int | None = None,
+    renormalize: bool = False,
+    primary: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Error-aware re-routing (`sere-err`, sere.reference.sere_err_reference) plus statistics,
+    without a host sync.
+
+    Args:
+        topk_ids: [T, K] int32/int64, contiguous, ids in [0, E), from the model's own router.
+        topk_weights: [T, K] float32/bfloat16/float16, contiguous, on the device of topk_ids.
+        error: [E, E] float32/bfloat16/float16 substitution errors (error[i, j]: relative output
+            error of running j instead of i), contiguous, on the device of topk_ids.
+        num_primary: S, 1 <= S < K.
+        tolerance: in (0, 1]: a slot is substituted only if its best error is < float32(tolerance).
+        keep_cost: >= 0; a slot whose weighted error weight * min(err, 1) exceeds float32(keep_cost)
+            keeps its expert (a critical expert; inf: never).
+        max_distinct: optional budget of distinct experts per call (P included), >= 1: at most
+            max_distinct - |P| critical experts are kept, those of largest summed cost.
+        renormalize: rescale every token's weights to their original sum.
+        primary: optional [E] bool primary set (the OR over an expert-parallel group);
+            default: P from the first S slots of `topk_ids`.
+    Returns:
+        (new topk_ids [T, K] same dtype, new topk_weights [T, K] same dtype, stats [6] int64 in
+        ERR_STAT_FIELDS order: distinct_before, distinct_after, num_primary_experts,
+        rerouted_slots, critical_slots (kept critical slots), dropped_slots).
+        Ids equal the reference's exactly; weights too without `renormalize` (with it, up to
+        float32 rounding of the per-token sums).
+    Raises:
+        ValueError / TypeError naming the argument. On CPU, ids outside [0, E) raise. On CUDA
+        they cannot be checked without a sync: such an id is left unchanged (a drop copies the
+        slot-0 id as it is) and counted in no distinct-expert statistic. The CUDA op handles
+        T * K <= 8192 slots (one thread block) and E <= 4096; larger calls raise.
+        A NaN among a row's errors to P makes that expert unsubstitutable (error +inf), as in
+        the reference.
+    """
+    return _dispatch_err(
+        topk_ids, topk_weights, error, num_primary, tolerance, keep_cost, max_distinct, renormalize, primary
+    )
+
+
+def reroute_err(
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    error: torch.Tensor,
+    num_primary: int,
+    tolerance: float = 1.0,
+    keep_cost: float = float("inf"),
+    max_distinct: int | None = None,
+    renormalize: bool = False,
+    primary: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Error-aware re-routing: (new topk_ids [T, K], new topk_weights [T, K]), same dtypes.
+
+    Arguments as in `reroute_err_with_stats`.
+    """
+    new_ids, new_weights, _ = _dispatch_err(
+        topk_ids, topk_weights, error, num_primary, tolerance, keep_cost, max_distinct, renormalize, primary
+    )
+    return new_ids, new_weights
+
+
 def primary_mask(topk_ids: torch.Tensor, num_experts: int, num_primary: int) -> torch.Tensor:
     """P = {topk_ids[t, s] : s < num_primary} as an [E] bool mask; OR it across an EP group.
 
@@ -267,3 +496,14 @@ if HAS_COMPILED_OP:
         if num_experts < 1:
             raise ValueError(f"num_experts must be >= 1, got {num_experts}")
         return topk_ids.new_empty((num_experts,), dtype=torch.bool)  # [E]
+
+
+if _HAS_ERR_OP:
+
+    @torch.library.register_fake("sere::reroute_err")
+    def _reroute_err_fake(
+        topk_ids, topk_weights, error, num_primary, tolerance, keep_cost, max_distinct, renormalize, primary=None
+    ):
+        _check_reroute_err_args(topk_ids, topk_weights, error, num_primary, tolerance, keep_cost, primary)
+        stats = topk_ids.new_empty((len(ERR_STAT_FIELDS),), dtype=torch.int64)  # [6]
+        return torch.empty_like(topk_ids), torch.empty_like(topk_weights), stats

@@ -1,0 +1,287 @@
+// CPU kernel of sere::reroute_err: error-aware re-routing (sere.reference.sere_err_reference).
+//
+// Shape legend: T tokens, K top-k slots, S = num_primary, E experts.
+// Pass 1 checks every id and builds P and the "before" set. Pass 2 finds, once per expert that
+// appears as a non-primary secondary, its best substitute p* = argmin_{p in P} error[e, p]
+// (at most E * |P| reads), marks the slots whose cost exceeds keep_cost and, with a budget,
+// sums their cost per expert in row-major slot order (the order of the reference's
+// index_put_(accumulate=True)) and keeps the max_distinct - |P| experts of largest summed cost.
+// Pass 3 decides every slot (keep / substitute / drop), writes ids, weights and statistics.
+//
+// NOTE: exactness. The arithmetic repeats the reference's float32 steps: errors and weights are
+// widened to float32, cost = w * min(c, 1) is rounded before it is compared or summed (setup.py
+// compiles with -ffp-contract=off: no fused multiply-add), tolerance and keep_cost are rounded
+// to float32 before the comparisons, as torch does with a Python scalar. A NaN among a row's
+// errors to P makes the row unusable (error +inf: never substituted), like the reference.
+// Single-threaded on purpose: at decode sizes a parallel_for costs more than the work.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+#include "reroute_checks.h"
+
+namespace sere {
+namespace {
+
+// Per-expert flags, one byte each.
+constexpr uint8_t kInPrimary = 1;
+constexpr uint8_t kSeenBefore = 2;
+constexpr uint8_t kSeenAfter = 4;
+constexpr uint8_t kCandidate = 8;  // some slot of this expert costs more than keep_cost
+constexpr uint8_t kAllowed = 16;   // ... and the expert fits in the budget: those slots keep it
+constexpr int32_t kUnknown = -1;
+
+template <typename IdT>
+void check_ids_in_range(const IdT* ids, int64_t num_slots, int64_t top_k, int64_t num_experts) {
+  for (int64_t i = 0; i < num_slots; ++i) {
+    const int64_t e = static_cast<int64_t>(ids[i]);
+    TORCH_CHECK_VALUE(
+        e >= 0 && e < num_experts, "topk_ids[", i / top_k, ", ", i % top_k, "] = ", e,
+        " is outside [0, num_experts=", num_experts, ")");
+  }
+}
+
+// p* and error[e, p*] for one expert; err = +inf when P is empty, no error to P is below +inf, or
+// one of them is NaN (the reference's min() propagates NaN, which it maps to +inf).
+struct Substitute {
+  int32_t id = kUnknown;
+  float err = std::numeric_limits<float>::infinity();
+};
+
+template <typename ErrT>
+Substitute best_substitute(
+    const ErrT* error, int64_t num_experts, const std::vector<int32_t>& primary_ids, int32_t e) {
+  const ErrT* row = error + static_cast<int64_t>(e) * num_experts;  // [E]
+  Substitute best;
+  best.id = 0;
+  for (const int32_t p : primary_ids) {  // ascending: strict < keeps the lowest id among ties
+    const float value = static_cast<float>(row[p]);
+    if (std::isnan(value)) {
+      best.err = std::numeric_limits<float>::infinity();
+      return best;
+    }
+    if (value < best.err) {
+      best.err = value;
+      best.id = p;
+    }
+  }
+  return best;
+}
+
+template <typename IdT, typename WeightT, typename ErrT>
+void reroute_err_kernel(
+    const IdT* topk_ids,          // [T, K]
+    const WeightT* topk_weights,  // [T, K]
+    const ErrT* error,            // [E, E]
+    const bool* primary,          // [E] or nullptr
+    IdT* new_ids,                 // [T, K]
+    WeightT* new_weights,         // [T, K]
+    int64_t num_tokens,
+    int64_t top_k,
+    int64_t num_primary,
+    int64_t num_experts,
+    float tolerance,
+    float keep_cost,
+    int64_t max_distinct,
+    bool renormalize,
+    int64_t* stats) {             // [6]
+  const int64_t num_slots = num_tokens * top_k;
+  check_ids_in_range(topk_ids, num_slots, top_k, num_experts);
+
+  std::vector<uint8_t> flags(num_experts, 0);  // [E]
+  for (int64_t i = 0; i < num_slots; ++i) {
+    flags[topk_ids[i]] |= kSeenBefore;
+  }
+  if (primary != nullptr) {
+    for (int64_t e = 0; e < num_experts; ++e) {
+      flags[e] |= primary[e] ? kInPrimary : 0;
+    }
+  } else {
+    for (int64_t t = 0; t < num_tokens; ++t) {
+      for (int64_t s = 0; s < num_primary; ++s) {
+        flags[topk_ids[t * top_k + s]] |= kInPrimary;
+      }
+    }
+  }
+  std::vector<int32_t> primary_ids;  // P in ascending id order
+  primary_ids.reserve(num_experts);
+  for (int64_t e = 0; e < num_experts; ++e) {
+    if (flags[e] & kInPrimary) {
+      primary_ids.push_back(static_cast<int32_t>(e));
+    }
+  }
+
+  std::vector<Substitute> subs(num_experts);  // [E], filled lazily for non-primary secondaries
+  const auto substitute_of = [&](int32_t e) -> const Substitute& {
+    if (subs[e].id == kUnknown) {
+      subs[e] = best_substitute(error, num_experts, primary_ids, e);
+    }
+    return subs[e];
+  };
+  // The weighted error of approximating slot i (expert e): float32(w) * min(c, 1), rounded.
+  const auto cost_of = [&](int64_t i, int32_t e) -> float {
+    return static_cast<float>(topk_weights[i]) * std::min(substitute_of(e).err, 1.0f);
+  };
+  const auto is_secondary_outside_p = [&](int64_t i) {
+    return i % top_k >= num_primary && !(flags[topk_ids[i]] & kInPrimary);
+  };
+
+  // Pass 2: critical candidates (cost > keep_cost), and the budget among their experts.
+  const bool use_budget = max_distinct > 0;
+  std::vector<float> mass(use_budget ? num_experts : 0, 0.0f);  // [E] summed cost per expert
+  for (int64_t i = 0; i < num_slots; ++i) {
+    if (!is_secondary_outside_p(i)) {
+      continue;
+    }
+    const int32_t e = static_cast<int32_t>(topk_ids[i]);
+    const float cost = cost_of(i, e);
+    if (cost > keep_cost) {
+      flags[e] |= kCandidate;
+      if (use_budget) {
+        mass[e] += cost;
+      }
+    }
+  }
+  std::vector<int32_t> candidates;  // experts that some slot wants to keep, ascending id
+  for (int64_t e = 0; e < num_experts; ++e) {
+    if (flags[e] & kCandidate) {
+      candidates.push_back(static_cast<int32_t>(e));
+    }
+  }
+  const int64_t num_primary_experts = static_cast<int64_t>(primary_ids.size());
+  const int64_t budget = use_budget ? std::max<int64_t>(0, max_distinct - num_primary_experts)
+                                    : static_cast<int64_t>(candidates.size());
+  if (static_cast<int64_t>(candidates.size()) > budget) {
+    // Largest summed cost first, ties to the lowest id (the reference's stable descending sort).
+    // Every candidate's mass is > keep_cost >= 0, so none ties with the other experts' zero.
+    std::partial_sort(
+        candidates.begin(), candidates.begin() + budget, candidates.end(),
+        [&](int32_t a, int32_t b) { return mass[a] > mass[b] || (mass[a] == mass[b] && a < b); });
+    candidates.resize(budget);
+  }
+  for (const int32_t e : candidates) {
+    flags[e] |= kAllowed;
+  }
+
+  // Pass 3: decide every slot.
+  int64_t rerouted_slots = 0;
+  int64_t critical_slots = 0;
+  int64_t dropped_slots = 0;
+  for (int64_t t = 0; t < num_tokens; ++t) {
+    for (int64_t s = 0; s < top_k; ++s) {
+      const int64_t i = t * top_k + s;
+      const int32_t e = static_cast<int32_t>(topk_ids[i]);
+      int32_t new_e = e;
+      WeightT weight = topk_weights[i];
+      if (is_secondary_outside_p(i)) {
+        const Substitute& sub = substitute_of(e);
+        if ((flags[e] & kAllowed) && cost_of(i, e) > keep_cost) {
+          ++critical_slots;  // kept: its expert is loaded for it
+        } else if (sub.err < tolerance) {
+          new_e = sub.id;
+        } else {
+          new_e = static_cast<int32_t>(topk_ids[t * top_k]);  // drop: the token's slot-0 expert
+          weight = WeightT(0.0f);                             // with weight 0, an exact no-op
+          ++dropped_slots;
+        }
+      }
+      rerouted_slots += new_e != e;
+      new_ids[i] = static_cast<IdT>(new_e);
+      new_weights[i] = weight;
+      flags[new_e] |= kSeenAfter;
+    }
+    if (renormalize) {  // every token, like the reference: scale = original sum / new sum
+      float old_sum = 0.0f;
+      float new_sum = 0.0f;
+      for (int64_t s = 0; s < top_k; ++s) {
+        old_sum += static_cast<float>(topk_weights[t * top_k + s]);
+        new_sum += static_cast<float>(new_weights[t * top_k + s]);
+      }
+      const float scale = old_sum / new_sum;
+      for (int64_t s = 0; s < top_k; ++s) {
+        WeightT& weight = new_weights[t * top_k + s];
+        weight = static_cast<WeightT>(static_cast<float>(weight) * scale);
+      }
+    }
+  }
+
+  int64_t distinct_before = 0;
+  int64_t distinct_after = 0;
+  for (int64_t e = 0; e < num_experts; ++e) {
+    distinct_before += (flags[e] & kSeenBefore) != 0;
+    distinct_after += (flags[e] & kSeenAfter) != 0;
+  }
+  stats[0] = distinct_before;
+  stats[1] = distinct_after;
+  stats[2] = num_primary_experts;
+  stats[3] = rerouted_slots;
+  stats[4] = critical_slots;
+  stats[5] = dropped_slots;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> reroute_err_cpu(
+    const at::Tensor& topk_ids,
+    const at::Tensor& topk_weights,
+    const at::Tensor& error,
+    int64_t num_primary,
+    double tolerance,
+    double keep_cost,
+    int64_t max_distinct,
+    bool renormalize,
+    const std::optional<at::Tensor>& primary) {
+  check_reroute_err_args(topk_ids, topk_weights, error, num_primary, tolerance, keep_cost, primary);
+  at::Tensor new_ids = at::empty(topk_ids.sizes(), topk_ids.options());              // [T, K]
+  at::Tensor new_weights = at::empty(topk_weights.sizes(), topk_weights.options());  // [T, K]
+  at::Tensor stats = at::empty({kNumErrStats}, topk_ids.options().dtype(at::kLong));  // [6]
+  const bool* primary_ptr = primary.has_value() ? primary->data_ptr<bool>() : nullptr;
+  // Compared in float32 like the reference compares a float32 tensor with a Python float.
+  const float tolerance_f32 = static_cast<float>(tolerance);
+  const float keep_cost_f32 = static_cast<float>(keep_cost);
+
+  const auto run = [&](auto id_tag, auto weight_tag, auto err_tag) {
+    using IdT = decltype(id_tag);
+    using WeightT = decltype(weight_tag);
+    using ErrT = decltype(err_tag);
+    reroute_err_kernel<IdT, WeightT, ErrT>(
+        topk_ids.data_ptr<IdT>(), topk_weights.data_ptr<WeightT>(), error.data_ptr<ErrT>(),
+        primary_ptr, new_ids.data_ptr<IdT>(), new_weights.data_ptr<WeightT>(), topk_ids.size(0),
+        topk_ids.size(1), num_primary, error.size(0), tolerance_f32, keep_cost_f32, max_distinct,
+        renormalize, stats.data_ptr<int64_t>());
+  };
+  const auto with_err = [&](auto id_tag, auto weight_tag) {
+    switch (error.scalar_type()) {
+      case at::kFloat: run(id_tag, weight_tag, float{}); break;
+      case at::kBFloat16: run(id_tag, weight_tag, at::BFloat16{}); break;
+      case at::kHalf: run(id_tag, weight_tag, at::Half{}); break;
+      default: TORCH_CHECK(false, "unreachable: error dtype was checked");
+    }
+  };
+  const auto with_weights = [&](auto id_tag) {
+    switch (topk_weights.scalar_type()) {
+      case at::kFloat: with_err(id_tag, float{}); break;
+      case at::kBFloat16: with_err(id_tag, at::BFloat16{}); break;
+      case at::kHalf: with_err(id_tag, at::Half{}); break;
+      default: TORCH_CHECK(false, "unreachable: topk_weights dtype was checked");
+    }
+  };
+  if (topk_ids.scalar_type() == at::kInt) {
+    with_weights(int32_t{});
+  } else {
+    with_weights(int64_t{});
+  }
+  return {new_ids, new_weights, stats};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(sere, CPU, m) {
+  m.impl("reroute_err", &reroute_err_cpu);
+}
+
+}  // namespace sere

@@ -1,0 +1,462 @@
+// CUDA kernel of sere::reroute_err (error-aware re-routing, sere.reference.sere_err_reference).
+// Toolkit only.
+//
+// Shape legend: T tokens, K top-k slots, S = num_primary, E experts.
+//
+// ONE launch of one block (decode sizes, T * K <= kSingleBlockMaxSlots), everything in shared
+// memory: P, the "before" set and the experts that appear as secondaries; the best substitute
+// p* = argmin_{p in P} error[e, p] of each such expert (a warp per expert); the slots whose
+// weighted error exceeds keep_cost (critical candidates); with a budget that leaves out some
+// candidate experts, a deterministic ranking (below); then every slot is decided, the weights
+// renormalised per token and the statistics written.
+//
+// Budget ranking, exact and deterministic: the reference sums each expert's candidate costs in
+// row-major slot order (index_put_ with accumulate), so the kernel sorts the candidate slots by
+// the key (expert id, slot index) with an in-block bitonic sort and one thread per expert adds
+// its run of slots in that order (float32, no atomics). The experts are then bitonic-sorted by
+// (summed cost descending, id ascending) and the first max_distinct - |P| keep their slots.
+// Both sorts run only when the budget actually excludes a candidate expert.
+//
+// NOTE: exactness. Costs and sums use __fmul_rn / __fadd_rn (never fused into an FMA), so each
+// float32 step rounds like the reference's separate torch ops.
+#include "reroute_err_cuda.cuh"
+
+#include <math.h>
+
+namespace sere {
+namespace {
+
+constexpr int kWarpSize = 32;
+constexpr unsigned kFullMask = 0xffffffffu;
+constexpr int kThreads = 1024;
+constexpr int kStats = 6;  // sere.ops.ERR_STAT_FIELDS
+// Slot keys: expert id above kSlotBits bits of slot index (T * K <= 2^kSlotBits).
+constexpr int kSlotBits = 13;
+constexpr uint32_t kSlotMask = (1u << kSlotBits) - 1;
+constexpr uint32_t kNoSlot = 0xffffffffu;                  // sorts last; its expert is no expert
+constexpr unsigned long long kNoExpert = ~0ull;            // sorts last
+constexpr size_t kDefaultMaxSharedBytes = 48 * 1024;       // above it a kernel must opt in
+static_assert(kSingleBlockMaxSlots <= (int64_t{1} << kSlotBits), "slot index must fit kSlotBits");
+static_assert(kCudaMaxExperts <= (1 << (32 - kSlotBits - 1)), "expert id must fit a slot key");
+
+__host__ __device__ inline int next_pow2(int n) {
+  int p = 1;
+  while (p < n) {
+    p <<= 1;
+  }
+  return p;
+}
+
+__host__ __device__ inline size_t align16(size_t bytes) { return (bytes + 15) & ~size_t{15}; }
+
+// Byte offsets of the dynamic shared memory; the sort buffer (only with a budget) holds first
+// the [pow2(T * K)] uint32 slot keys, then the [pow2(E)] uint64 expert keys.
+struct SmemLayout {
+  size_t best_err;  // [E] float
+  size_t mass;      // [E] float
+  size_t best_id;   // [E] int
+  size_t flags;     // 5 x [E] bytes: in_primary, before, after, needed, keep
+  size_t total;
+};
+
+__host__ __device__ inline SmemLayout smem_layout(int num_slots, int num_experts, bool use_budget) {
+  const size_t slot_keys = sizeof(uint32_t) * static_cast<size_t>(next_pow2(num_slots));
+  const size_t expert_keys = sizeof(unsigned long long) * static_cast<size_t>(next_pow2(num_experts));
+  const size_t per_expert = align16(sizeof(float) * static_cast<size_t>(num_experts));
+  SmemLayout layout;
+  layout.best_err = use_budget ? align16(slot_keys > expert_keys ? slot_keys : expert_keys) : 0;
+  layout.mass = layout.best_err + per_expert;
+  layout.best_id = layout.mass + per_expert;
+  layout.flags = layout.best_id + per_expert;
+  layout.total = layout.flags + align16(5 * static_cast<size_t>(num_experts));
+  return layout;
+}
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T>
+__device__ __forceinline__ T from_float(float x);
+template <>
+__device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+__device__ __forceinline__ unsigned warp_sum(unsigned value) {
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+    value += __shfl_xor_sync(kFullMask, value, offset);
+  }
+  return value;
+}
+
+template <typename IdT>
+__device__ __forceinline__ bool valid_id(IdT e, int num_experts) {
+  return e >= 0 && e < static_cast<IdT>(num_experts);
+}
+
+// torch's clamp_max(x, 1) for a non-NaN x.
+__device__ __forceinline__ float clamp_max_one(float x) { return x < 1.0f ? x : 1.0f; }
+
+// p* = argmin_{p in P} error[e, p] (ties: lowest id) and its error, by one whole warp (call
+// warp-uniformly); the error is +inf when P is empty, no entry is below +inf, or one is NaN.
+template <typename ErrT>
+__device__ void best_substitute_warp(
+    const ErrT* __restrict__ error,      // [E, E]
+    const unsigned char* in_primary,     // [E]
+    int e,
+    int num_experts,
+    float* best_err,                     // [E]
+    int* best_id) {                      // [E]
+  const int lane = threadIdx.x % kWarpSize;
+  const ErrT* row = error + static_cast<int64_t>(e) * num_experts;  // [E]
+  float best = INFINITY;
+  int best_p = num_experts;  // none yet
+  bool saw_nan = false;
+  for (int p = lane; p < num_experts; p += kWarpSize) {  // ascending: strict < keeps the lowest id
+    if (in_primary[p]) {
+      const float value = to_float(row[p]);
+      if (isnan(value)) {
+        saw_nan = true;
+      } else if (value < best) {
+        best = value;
+        best_p = p;
+      }
+    }
+  }
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+    const float other = __shfl_xor_sync(kFullMask, best, offset);
+    const int other_p = __shfl_xor_sync(kFullMask, best_p, offset);
+    if (other < best || (other == best && other_p < best_p)) {
+      best = other;
+      best_p = other_p;
+    }
+  }
+  saw_nan = __any_sync(kFullMask, saw_nan);
+  if (lane == 0) {
+    best_err[e] = (saw_nan || best_p == num_experts) ? INFINITY : best;
+    best_id[e] = best_p == num_experts ? 0 : best_p;
+  }
+}
+
+// Ascending in-place bitonic sort of `len` (a power of two) keys by the whole block (call
+// block-uniformly, after a __syncthreads that published the keys; returns after another).
+template <typename KeyT>
+__device__ void bitonic_sort(KeyT* keys, int len) {
+  for (int size = 2; size <= len; size <<= 1) {
+    for (int stride = size >> 1; stride > 0; stride >>= 1) {
+      for (int i = threadIdx.x; i < len; i += blockDim.x) {
+        const int partner = i ^ stride;
+        if (partner > i) {
+          const KeyT a = keys[i];
+          const KeyT b = keys[partner];
+          const bool ascending = (i & size) == 0;
+          if ((a > b) == ascending) {
+            keys[i] = b;
+            keys[partner] = a;
+          }
+        }
+      }
+      __syncthreads();
+    }
+  }
+}
+
+template <typename IdT, typename WeightT, typename ErrT>
+__global__ void __launch_bounds__(kThreads) reroute_err_kernel(
+    const IdT* __restrict__ topk_ids,          // [T, K]
+    const WeightT* __restrict__ topk_weights,  // [T, K]
+    const ErrT* __restrict__ error,            // [E, E]
+    const bool* __restrict__ primary,          // [E] or nullptr
+    IdT* __restrict__ new_ids,                 // [T, K]
+    WeightT* __restrict__ new_weights,         // [T, K]
+    int64_t* __restrict__ stats,               // [6]
+    int num_tokens,
+    int top_k,
+    int num_primary,
+    int num_experts,
+    float tolerance,
+    float keep_cost,
+    int max_distinct,                          // <= 0: no budget
+    bool renormalize) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int num_slots = num_tokens * top_k;
+  const bool use_budget = max_distinct > 0;
+  const SmemLayout layout = smem_layout(num_slots, num_experts, use_budget);
+  uint32_t* slot_keys = reinterpret_cast<uint32_t*>(smem);                       // [pow2(T*K)]
+  unsigned long long* expert_keys = reinterpret_cast<unsigned long long*>(smem);  // [pow2(E)], later
+  float* best_err = reinterpret_cast<float*>(smem + layout.best_err);            // [E]
+  float* mass = reinterpret_cast<float*>(smem + layout.mass);                    // [E]
+  int* best_id = reinterpret_cast<int*>(smem + layout.best_id);                  // [E]
+  unsigned char* in_primary = smem + layout.flags;                               // [E]
+  unsigned char* before = in_primary + num_experts;                              // [E]
+  unsigned char* after = before + num_experts;                                   // [E]
+  unsigned char* needed = after + num_experts;   // [E] a secondary somewhere
+  unsigned char* keep = needed + num_experts;    // [E] its costly slots keep it (critical)
+  __shared__ unsigned long long totals[kStats];  // ERR_STAT_FIELDS order
+  __shared__ int num_candidates;
+  __shared__ int num_primary_experts;
+
+  const int tid = threadIdx.x;
+  const int warp = tid / kWarpSize;
+  const int num_warps = blockDim.x / kWarpSize;
+  const auto cost_of = [&](int i, int e) {  // float32(w) * min(c, 1), rounded
+    return __fmul_rn(to_float(topk_weights[i]), clamp_max_one(best_err[e]));
+  };
+
+  for (int e = tid; e < num_experts; e += blockDim.x) {
+    in_primary[e] = primary != nullptr ? primary[e] : 0;
+    before[e] = 0;
+    after[e] = 0;
+    needed[e] = 0;
+    keep[e] = 0;
+    mass[e] = 0.0f;
+  }
+  if (use_budget) {
+    const int num_keys = next_pow2(num_slots);
+    for (int j = tid; j < num_keys; j += blockDim.x) {
+      slot_keys[j] = kNoSlot;
+    }
+  }
+  if (tid < kStats) {
+    totals[tid] = 0;
+  }
+  if (tid == 0) {
+    num_candidates = 0;
+    num_primary_experts = 0;
+  }
+  __syncthreads();
+
+  for (int i = tid; i < num_slots; i += blockDim.x) {
+    const IdT e = topk_ids[i];
+    if (!valid_id(e, num_experts)) {
+      continue;
+    }
+    before[e] = 1;
+    if (i % top_k < num_primary) {
+      if (primary == nullptr) {
+        in_primary[e] = 1;
+      }
+    } else {
+      needed[e] = 1;
+    }
+  }
+  __syncthreads();
+
+  for (int e = warp; e < num_experts; e += num_warps) {
+    if (needed[e] && !in_primary[e]) {  // warp-uniform
+      best_substitute_warp(error, in_primary, e, num_experts, best_err, best_id);
+    }
+  }
+  __syncthreads();
+
+  // Critical candidates: secondary slots outside P whose cost exceeds keep_cost.
+  for (int i = tid; i < num_slots; i += blockDim.x) {
+    const IdT e = topk_ids[i];
+    if (i % top_k >= num_primary && valid_id(e, num_experts) && !in_primary[e] &&
+        cost_of(i, static_cast<int>(e)) > keep_cost) {
+      keep[e] = 1;
+      if (use_budget) {
+        slot_keys[i] = (static_cast<uint32_t>(e) << kSlotBits) | static_cast<uint32_t>(i);
+      }
+    }
+  }
+  __syncthreads();
+
+  if (use_budget) {
+    unsigned count_candidates = 0;
+    unsigned count_primary = 0;
+    for (int e = tid; e < num_experts; e += blockDim.x) {
+      count_candidates += keep[e];
+      count_primary += in_primary[e];
+    }
+    count_candidates = warp_sum(count_candidates);
+    count_primary = warp_sum(count_primary);
+    if (tid % kWarpSize == 0) {
+      atomicAdd(&num_candidates, static_cast<int>(count_candidates));
+      atomicAdd(&num_primary_experts, static_cast<int>(count_primary));
+    }
+    __syncthreads();
+    const int room = max_distinct - num_primary_experts;
+    const int budget = room > 0 ? room : 0;
+    if (num_candidates > budget) {  // block-uniform: the budget excludes some candidate
+      const int num_keys = next_pow2(num_slots);
+      bitonic_sort(slot_keys, num_keys);
+      // Each run of one expert's slots, summed in ascending slot order by its first thread.
+      for (int j = tid; j < num_keys; j += blockDim.x) {
+        const uint32_t key = slot_keys[j];
+        const uint32_t e = key >> kSlotBits;
+        if (key == kNoSlot || (j > 0 && (slot_keys[j - 1] >> kSlotBits) == e)) {
+          continue;
+        }
+        float sum = 0.0f;
+        for (int k = j; k < num_keys && slot_keys[k] != kNoSlot && (slot_keys[k] >> kSlotBits) == e; ++k) {
+          sum = __fadd_rn(sum, cost_of(static_cast<int>(slot_keys[k] & kSlotMask), static_cast<int>(e)));
+        }
+        mass[e] = sum;
+      }
+      __syncthreads();  // slot keys read: the buffer now takes the expert keys
+      // mass > keep_cost >= 0, so its bits order like its value; ~bits: largest first.
+      const int num_expert_keys = next_pow2(num_experts);
+      for (int e = tid; e < num_expert_keys; e += blockDim.x) {
+        expert_keys[e] = e < num_experts && keep[e]
+            ? (static_cast<unsigned long long>(~__float_as_uint(mass[e])) << 32) | static_cast<unsigned>(e)
+            : kNoExpert;
+      }
+      __syncthreads();
+      bitonic_sort(expert_keys, num_expert_keys);
+      for (int e = tid; e < num_experts; e += blockDim.x) {
+        keep[e] = 0;
+      }
+      __syncthreads();
+      for (int j = tid; j < budget; j += blockDim.x) {  // budget < num_candidates: all real keys
+        keep[expert_keys[j] & 0xffffffffull] = 1;
+      }
+      __syncthreads();
+    }
+  }
+
+  // Decide every slot: keep (critical), substitute, or drop.
+  unsigned rerouted = 0;
+  unsigned critical = 0;
+  unsigned dropped = 0;
+  for (int i = tid; i < num_slots; i += blockDim.x) {
+    const int t = i / top_k;
+    const IdT e = topk_ids[i];
+    IdT new_e = e;
+    WeightT weight = topk_weights[i];
+    if (i - t * top_k >= num_primary && valid_id(e, num_experts) && !in_primary[e]) {
+      if (keep[e] && cost_of(i, static_cast<int>(e)) > keep_cost) {
+        ++critical;
+      } else if (best_err[e] < tolerance) {
+        new_e = static_cast<IdT>(best_id[e]);
+      } else {
+        new_e = topk_ids[static_cast<int64_t>(t) * top_k];  // the token's slot-0 expert ...
+        weight = from_float<WeightT>(0.0f);                  // ... with weight 0: a no-op
+        ++dropped;
+      }
+    }
+    rerouted += new_e != e;
+    new_ids[i] = new_e;
+    new_weights[i] = weight;
+    if (valid_id(new_e, num_experts)) {
+      after[new_e] = 1;
+    }
+  }
+
+  if (renormalize) {  // every token, like the reference: scale = original sum / new sum
+    __syncthreads();  // a token's new weights were written by several threads
+    for (int t = tid; t < num_tokens; t += blockDim.x) {
+      const int64_t row = static_cast<int64_t>(t) * top_k;
+      float old_sum = 0.0f;
+      float new_sum = 0.0f;
+      for (int s = 0; s < top_k; ++s) {
+        old_sum = __fadd_rn(old_sum, to_float(topk_weights[row + s]));
+        new_sum = __fadd_rn(new_sum, to_float(new_weights[row + s]));
+      }
+      const float scale = __fdiv_rn(old_sum, new_sum);
+      for (int s = 0; s < top_k; ++s) {
+        new_weights[row + s] = from_float<WeightT>(__fmul_rn(to_float(new_weights[row + s]), scale));
+      }
+    }
+  }
+
+  rerouted = warp_sum(rerouted);
+  critical = warp_sum(critical);
+  dropped = warp_sum(dropped);
+  if (tid % kWarpSize == 0) {
+    atomicAdd(&totals[3], static_cast<unsigned long long>(rerouted));
+    atomicAdd(&totals[4], static_cast<unsigned long long>(critical));
+    atomicAdd(&totals[5], static_cast<unsigned long long>(dropped));
+  }
+  __syncthreads();
+
+  unsigned count_before = 0;
+  unsigned count_after = 0;
+  unsigned count_primary = 0;
+  for (int e = tid; e < num_experts; e += blockDim.x) {
+    count_before += before[e];
+    count_after += after[e];
+    count_primary += in_primary[e];
+  }
+  count_before = warp_sum(count_before);
+  count_after = warp_sum(count_after);
+  count_primary = warp_sum(count_primary);
+  if (tid % kWarpSize == 0) {
+    atomicAdd(&totals[0], static_cast<unsigned long long>(count_before));
+    atomicAdd(&totals[1], static_cast<unsigned long long>(count_after));
+    atomicAdd(&totals[2], static_cast<unsigned long long>(count_primary));
+  }
+  __syncthreads();
+  if (tid < kStats) {
+    stats[tid] = static_cast<int64_t>(totals[tid]);
+  }
+}
+
+}  // namespace
+
+template <typename IdT, typename WeightT, typename ErrT>
+cudaError_t launch_reroute_err(
+    const IdT* topk_ids,
+    const WeightT* topk_weights,
+    const ErrT* error,
+    const bool* primary,
+    IdT* new_ids,
+    WeightT* new_weights,
+    int64_t* stats,
+    int64_t num_tokens,
+    int top_k,
+    int num_primary,
+    int num_experts,
+    float tolerance,
+    float keep_cost,
+    int64_t max_distinct,
+    bool renormalize,
+    cudaStream_t stream) {
+  if (num_tokens < 0 || top_k < 1 || num_tokens * top_k > kSingleBlockMaxSlots || num_experts < 1 ||
+      num_experts > kCudaMaxExperts) {
+    return cudaErrorInvalidValue;
+  }
+  // A budget of E + 1 or more never excludes a candidate (at most E - |P| of them): clamp to int.
+  const int budget = max_distinct <= 0 ? 0
+      : static_cast<int>(max_distinct < num_experts + 1 ? max_distinct : num_experts + 1);
+  const int num_slots = static_cast<int>(num_tokens * top_k);
+  const size_t smem = smem_layout(num_slots, num_experts, budget > 0).total;
+  const auto kernel = reroute_err_kernel<IdT, WeightT, ErrT>;
+  if (smem > kDefaultMaxSharedBytes) {
+    // Not a stream operation: allowed during CUDA-graph capture.
+    const cudaError_t status = cudaFuncSetAttribute(
+        kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+    if (status != cudaSuccess) {
+      return status;
+    }
+  }
+  kernel<<<1, kThreads, smem, stream>>>(
+      topk_ids, topk_weights, error, primary, new_ids, new_weights, stats,
+      static_cast<int>(num_tokens), top_k, num_primary, num_experts, tolerance, keep_cost, budget,
+      renormalize);
+  return cudaGetLastError();
+}
+
+#define SERE_INSTANTIATE_REROUTE_ERR(IdT, WeightT, ErrT)                                          \
+  template cudaError_t launch_reroute_err<IdT, WeightT, ErrT>(                                    \
+      const IdT*, const WeightT*, const ErrT*, const bool*, IdT*, WeightT*, int64_t*, int64_t, int, \
+      int, int, float, float, int64_t, bool, cudaStream_t);
+#define SERE_INSTANTIATE_REROUTE_ERR_ERRORS(IdT, WeightT)      \
+  SERE_INSTANTIATE_REROUTE_ERR(IdT, WeightT, float)            \
+  SERE_INSTANTIATE_REROUTE_ERR(IdT, WeightT, __half)           \
+  SERE_INSTANTIATE_REROUTE_ERR(IdT, WeightT, __nv_bfloat16)
+#define SERE_INSTANTIATE_REROUTE_ERR_WEIGHTS(IdT)              \
+  SERE_INSTANTIATE_REROUTE_ERR_ERRORS(IdT, float)              \
+  SERE_INSTANTIATE_REROUTE_ERR_ERRORS(IdT, __half)             \
+  SERE_INSTANTIATE_REROUTE_ERR_ERRORS(IdT, __nv_bfloat16)
+
+SERE_INSTANTIATE_REROUTE_ERR_WEIGHTS(int32_t)
+SERE_INSTANTIATE_REROUTE_ERR_WEIGHTS(int64_t)
+#undef SERE_INSTANTIATE_REROUTE_ERR_WEIGHTS
+#undef SERE_INSTANTIATE_REROUTE_ERR_ERRORS
+#undef SERE_INSTANTIATE_REROUTE_ERR
+
+}  // namespace sere
