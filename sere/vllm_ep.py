@@ -1,0 +1,140 @@
+"""Expert parallelism for the SERE vLLM plugin: the EP-wide primary set, and two CPU-backend fixes.
+
+1. `primary_allreduce_for(runner)`: with scope "ep_group", the primary set P is the OR of
+   every EP rank's [E] mask (one all-reduce MAX of E int32 per layer and step) whenever the ranks
+   route different tokens (DP attention + all2all dispatch after routing). Where vLLM gathers
+   the tokens of all DP ranks *before* routing (the naive / allgather-reducescatter path, the
+   only one on CPU) or replicates them (TP only), every rank already sees the same tokens and
+   the same P, so no collective is issued (set SERE_EP_ALLREDUCE=1 to force it).
+2. vLLM 0.32.0's CPU unquantized experts (`CPUUnquantizedExperts.apply`, the `cpu_fused_moe`
+   kernel) ignore `expert_map`: under EP each rank holds E / ep_size experts but receives global
+   ids, which index past its weights (segfault). `install()` maps ids to the local range;
+   slots owned by another rank get weight 0 (and local id 0, which the kernel then computes
+   for nothing: the kernel has no "skip this slot" id).
+3. vLLM 0.32.0's `CpuCommunicator` lacks `all_gatherv` / `reduce_scatterv`, which the only CPU
+   all2all backend (allgather_reducescatter) calls under DP + EP. `install()` adds them over
+   the group's gloo process group: uneven all-gather by padding to the largest chunk, and
+   reduce-scatter as an all-reduce followed by a slice (gloo has no uneven reduce-scatter).
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+__all__ = ["install", "primary_allreduce_for", "all_gatherv", "reduce_scatterv"]
+
+_installed = False
+
+
+def install() -> None:
+    """Patch the CPU backend (idempotent). Only classes of the running vLLM are touched."""
+    global _installed
+    if _installed:
+        return
+    _patch_cpu_experts()
+    _patch_cpu_communicator()
+    _installed = True
+
+
+def primary_allreduce_for(runner, force: bool = False):
+    """A function [E] bool -> [E] bool (OR over the EP group) for this layer, or None.
+
+    The routing hook calls it when the config's scope is "ep_group".
+
+    The decision needs the layer's quant method (known after weight loading), so it is taken on
+    the first call; before that nothing about the layer's dispatch path is fixed.
+    """
+    parallel = runner.moe_config.moe_parallel_config
+    if not parallel.use_ep or parallel.ep_size <= 1:
+        return None
+    decided: list = []
+
+    def allreduce(primary: torch.Tensor) -> torch.Tensor:
+        if not decided:
+            replicated = (
+                parallel.dp_size == 1 and not runner.moe_config.is_sequence_parallel
+            ) or runner.do_naive_dispatch_combine
+            decided.append(force or not replicated)
+        if not decided[0]:
+            return primary
+        from vllm.distributed import get_ep_group
+
+        mask = primary.to(torch.int32)  # [E]; gloo/NCCL reduce integers, not bools
+        torch.distributed.all_reduce(mask, op=torch.distributed.ReduceOp.MAX, group=get_ep_group().device_group)
+        return mask.bool()
+
+    return allreduce
+
+
+# ---------------------------------------------------------------- CPU experts: honour expert_map
+
+
+def _patch_cpu_experts() -> None:
+    from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUUnquantizedExperts
+
+    apply = CPUUnquantizedExperts.apply
+    signature = inspect.signature(apply)
+    map_index = list(signature.parameters).index("expert_map") - 1  # position after self
+
+    def _apply(self, *args, **kwargs):
+        expert_map = args[map_index] if len(args) > map_index else kwargs.get("expert_map")
+        if expert_map is None:  # no EP: vLLM's call, untouched
+            return apply(self, *args, **kwargs)
+        bound = signature.bind(self, *args, **kwargs)
+        topk_ids = bound.arguments["topk_ids"]  # [T, K] global ids
+        local_ids = expert_map[topk_ids.long()]  # [T, K], -1: another rank's expert
+        owned = local_ids >= 0
+        bound.arguments["topk_weights"] = torch.where(owned, bound.arguments["topk_weights"], 0.0).contiguous()
+        bound.arguments["topk_ids"] = torch.where(owned, local_ids, 0).to(topk_ids.dtype).contiguous()
+        return apply(*bound.args, **bound.kwargs)
+
+    CPUUnquantizedExperts.apply = _apply
+
+
+# ---------------------------------------------------------------- CPU communicator: uneven collectives
+
+
+def all_gatherv(self, input_, dim: int = 0, sizes: list[int] | None = None):
+    """Concatenate every rank's chunk along dim 0; chunk r has sizes[r] rows (None: all equal)."""
+    if dim != 0:
+        raise NotImplementedError("sere: CPU all_gatherv supports dim 0 only")
+    if isinstance(input_, (list, tuple)):
+        return [_all_gatherv_one(self, tensor, sizes) for tensor in input_]
+    return _all_gatherv_one(self, input_, sizes)
+
+
+def _all_gatherv_one(self, tensor: torch.Tensor, sizes: list[int] | None) -> torch.Tensor:
+    world_size = self.world_size
+    if sizes is None or all(size == sizes[0] for size in sizes):
+        return self.all_gather(tensor, dim=0)
+    assert len(sizes) == world_size and tensor.shape[0] == sizes[self.rank_in_group], (sizes, tensor.shape)
+    longest = max(sizes)
+    padded = tensor.new_zeros((longest,) + tuple(tensor.shape[1:]))  # [max_r sizes[r], ...]
+    padded[: tensor.shape[0]] = tensor
+    gathered = tensor.new_empty((world_size * longest,) + tuple(tensor.shape[1:]))
+    torch.distributed.all_gather_into_tensor(gathered, padded, group=self.device_group)
+    return torch.cat([gathered[r * longest : r * longest + sizes[r]] for r in range(world_size)])
+
+
+def reduce_scatterv(self, input_: torch.Tensor, dim: int = -1, sizes: list[int] | None = None):
+    """Sum over ranks, then keep this rank's chunk (sizes[r] rows along `dim`)."""
+    if sizes is None or all(size == sizes[0] for size in sizes):
+        return self.reduce_scatter(input_, dim)
+    if dim < 0:
+        dim += input_.dim()
+    summed = input_.movedim(dim, 0).contiguous()  # [sum(sizes), ...]
+    assert summed.shape[0] == sum(sizes), (sizes, summed.shape)
+    torch.distributed.all_reduce(summed, group=self.device_group)
+    start = sum(sizes[: self.rank_in_group])
+    return summed[start : start + sizes[self.rank_in_group]].movedim(0, dim).contiguous()
+
+
+def _patch_cpu_communicator() -> None:
+    from vllm.distributed.device_communicators.cpu_communicator import CpuCommunicator
+
+    if "all_gatherv" not in CpuCommunicator.__dict__:
+        CpuCommunicator.all_gatherv = all_gatherv
+    if "reduce_scatterv" not in CpuCommunicator.__dict__:
+        CpuCommunicator.reduce_scatterv = reduce_scatterv

