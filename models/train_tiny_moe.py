@@ -298,7 +298,13 @@ def export(model_state: dict, args, tok, corpus_summary: dict):
         bos_token_id=ids["bos_token_id"], eos_token_id=[ids["eos_token_id"], tok.convert_tokens_to_ids(IM_END)],
         pad_token_id=ids["pad_token_id"], do_sample=False, max_new_tokens=128,
     ).save_pretrained(str(out))
-    save_file(export_state_dict(model), str(out / "model.safetensors"), metadata={"format": "pt"})
+    state = export_state_dict(model)
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    # An index makes loaders read only the listed weights, not the SERE sidecars beside them
+    # (vLLM otherwise loads every *.safetensors file of a single-file checkpoint).
+    index = {"metadata": {"total_size": (out / "model.safetensors").stat().st_size},
+             "weight_map": {name: "model.safetensors" for name in sorted(state)}}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
     tok.save_pretrained(str(out))
     # Plain fast-tokenizer class name and an inline chat template, so loaders older than
     # transformers 5 (which wrote "TokenizersBackend" and a separate .jinja file) read it too.
