@@ -1,0 +1,248 @@
+"""Quality against distinct experts: the Pareto frontier of every re-routing policy.
+
+    python benchmarks/pareto.py --model models/tiny-moe --text models/tiny-moe/heldout.txt \
+        --batch-sizes 8 16 32 64 --seq-len 64 --num-batches 3 \
+        --json benchmarks/results/pareto.json --png benchmarks/results/pareto.png
+
+Lock-step teacher-forced batch decoding with a KV cache (the `sere.evaluate` loop), B held-out
+sequences per batch, re-routing across the B tokens of each step in every MoE layer. Every policy
+setting decodes the SAME batches, so per-batch differences are paired: each batch's perplexity
+change is against topk on that batch, and each point's gap to OEA's frontier is the per-batch
+difference to OEA's perplexity linearly interpolated at the point's distinct-expert count.
+
+Policies: topk; oea S; paper sere (cosine and frobenius sidecars, rho = 0 and a per-layer
+quantile); sere-err (substitution error sidecar; tolerance, renormalisation, keep_cost/budget).
+
+Shape legend: B batch size, L decoded steps per sequence, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from sere.calibrate import load_model, log, tokenize  # noqa: E402
+from sere.evaluate import _batch_metrics, make_batches  # noqa: E402
+from sere.hf_moe import find_moe_blocks, routing_hook  # noqa: E402
+from sere.similarity import load_sidecar  # noqa: E402
+
+INF = float("inf")
+
+
+def default_settings(quantile: float) -> list[dict]:
+    """The sweep: one dict per setting (label, policy, routing_hook kwargs, sidecar name)."""
+    out = [dict(label="topk", policy="topk")]
+    out += [dict(label=f"oea S={s}", policy="oea", num_primary=s) for s in (1, 2, 4, 6)]
+    for metric in ("cosine", "frobenius"):
+        for s in (2, 4):
+            out.append(dict(label=f"sere-{metric[:3]} S={s} rho=0", policy="sere", num_primary=s, sidecar=metric))
+            out.append(dict(label=f"sere-{metric[:3]} S={s} q={quantile}", policy="sere", num_primary=s,
+                            sidecar=metric, quantile=quantile))
+    err = lambda s, tol, renorm, **kw: dict(  # noqa: E731
+        label=f"sere-err S={s} tol={tol}{' renorm' if renorm else ''}"
+              + "".join(f" {k}={v}" for k, v in kw.items()),
+        policy="sere-err", num_primary=s, tolerance=tol, renormalize=renorm, **kw)
+    out += [err(s, tol, True) for s in (2, 4) for tol in (0.3, 0.6, 1.0)]
+    out += [err(4, tol, False) for tol in (0.3, 1.0)]
+    out += [err(1, 0.6, True), err(6, 0.6, True), err(2, 0.6, True, keep_cost=0.1)]
+    return out
+
+
+@torch.no_grad()
+def decode(model, batch: torch.Tensor, setting: dict, sidecars: dict, thresholds: dict):
+    """Teacher-forced lock-step decode of batch [B, L+1]: (log-probs [B, L, V], mean distinct)."""
+    from transformers import DynamicCache
+
+    kwargs = {}
+    if setting["policy"] != "topk":
+        kwargs["num_primary"] = setting["num_primary"]
+    if setting["policy"] == "sere":
+        kwargs["similarity"] = sidecars[setting["sidecar"]].matrices
+        if "quantile" in setting:
+            kwargs["threshold"] = thresholds[(setting["sidecar"], setting["quantile"])]
+    if setting["policy"] == "sere-err":
+        kwargs["error"] = sidecars["error"].matrices
+        for key in ("tolerance", "keep_cost", "max_distinct", "renormalize"):
+            if key in setting:
+                kwargs[key] = setting[key]
+    steps = []
+    with routing_hook(model, setting["policy"], **kwargs) as record:
+        cache = DynamicCache(config=model.config)
+        for t in range(batch.shape[1] - 1):
+            out = model(input_ids=batch[:, t : t + 1], past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            steps.append(out.logits[:, -1].float().log_softmax(-1))  # [B, V]
+    return torch.stack(steps, 1), record.mean_distinct()
+
+
+def _interp(x: float, xs: list[float], ys: list[float]) -> float:
+    """Piecewise-linear y(x) through sorted points (clamped outside their range)."""
+    pts = sorted(zip(xs, ys))
+    if x <= pts[0][0]:
+        return pts[0][1]
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        if x <= x1:
+            return y0 + (y1 - y0) * (x - x0) / max(x1 - x0, 1e-12)
+    return pts[-1][1]
+
+
+def summarise(per: dict, settings: list[dict], bs: int, seq_len: int) -> list[dict]:
+    """Records for one batch size from per[label] = {'nll': [...], 'distinct': [...], ...}."""
+    base = per["topk"]
+    num_batches = len(base["nll"])
+    oea = [s["label"] for s in settings if s["policy"] == "oea"] + ["topk"]
+    records = []
+    for s in settings:
+        m = per[s["label"]]
+        change = [math.exp(n) / math.exp(b) - 1 for n, b in zip(m["nll"], base["nll"])]  # paired
+        gap = []  # ppl change minus OEA frontier's at the same distinct experts, per batch
+        for k in range(num_batches):
+            xs = [per[o]["distinct"][k] for o in oea]
+            ys = [math.exp(per[o]["nll"][k]) / math.exp(base["nll"][k]) - 1 for o in oea]
+            gap.append(change[k] - _interp(m["distinct"][k], xs, ys))
+        distinct = statistics.fmean(m["distinct"])
+        records.append({
+            **{k: v for k, v in s.items() if k != "label"}, "label": s["label"], "batch_size": bs,
+            "num_batches": num_batches, "seq_len": seq_len, "num_tokens": num_batches * bs * seq_len,
+            "distinct_experts": distinct, "distinct_std": statistics.pstdev(m["distinct"]),
+            "distinct_fraction": distinct / statistics.fmean(base["distinct"]),
+            "perplexity": math.exp(statistics.fmean(m["nll"])),
+            "perplexity_change": statistics.fmean(change), "perplexity_change_std": statistics.pstdev(change),
+            "gap_to_oea_frontier": statistics.fmean(gap), "gap_to_oea_frontier_std": statistics.pstdev(gap),
+            "agreement": statistics.fmean(m["agreement"]), "agreement_std": statistics.pstdev(m["agreement"]),
+            "kl": statistics.fmean(m["kl"]),
+            "per_batch": {"perplexity_change": change, "distinct": m["distinct"], "agreement": m["agreement"]},
+        })
+    return records
+
+
+def plot(records: list[dict], path: str | Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = sorted({r["batch_size"] for r in records})
+    fig, axes = plt.subplots(1, len(sizes), figsize=(5 * len(sizes), 4.2), squeeze=False)
+    style = {"topk": ("k", "o"), "oea": ("tab:blue", "^"), "sere": ("tab:orange", "s"),
+             "sere-err": ("tab:green", "D")}
+    for ax, bs in zip(axes[0], sizes):
+        rows = [r for r in records if r["batch_size"] == bs]
+        for policy, (color, marker) in style.items():
+            pts = [r for r in rows if r["policy"] == policy]
+            if policy == "sere":
+                for metric, fill in (("cosine", color), ("frobenius", "none")):
+                    sub = [r for r in pts if r["sidecar"] == metric]
+                    ax.errorbar([r["distinct_experts"] for r in sub], [100 * r["perplexity_change"] for r in sub],
+                                yerr=[100 * r["perplexity_change_std"] for r in sub], fmt=marker, color=color,
+                                mfc=fill, label=f"sere ({metric})", capsize=2, ms=5)
+                continue
+            if policy == "oea":
+                pts = sorted(pts, key=lambda r: r["distinct_experts"])
+            ax.errorbar([r["distinct_experts"] for r in pts], [100 * r["perplexity_change"] for r in pts],
+                        yerr=[100 * r["perplexity_change_std"] for r in pts], fmt=marker + ("-" if policy == "oea" else ""),
+                        color=color, label=policy, capsize=2, ms=5)
+        for r in rows:
+            if r["policy"] == "sere-err":
+                ax.annotate(r["label"].replace("sere-err ", ""), (r["distinct_experts"], 100 * r["perplexity_change"]),
+                            fontsize=5)
+        ax.set_yscale("symlog", linthresh=1.0)
+        ax.set_title(f"batch {bs}")
+        ax.set_xlabel("distinct experts / layer / step")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("perplexity change vs topk (%), paired, ±std over batches")
+    axes[0][-1].legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default=str(ROOT / "models/tiny-moe"))
+    parser.add_argument("--text", default=str(ROOT / "models/tiny-moe/heldout.txt"))
+    parser.add_argument("--cosine", help="cosine sidecar (default MODEL/sere_similarity.safetensors)")
+    parser.add_argument("--frobenius", help="default MODEL/sere_similarity.frobenius.safetensors")
+    parser.add_argument("--error", help="default MODEL/sere_similarity.substitution_error.safetensors")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 16, 32, 64])
+    parser.add_argument("--seq-len", type=int, default=64)
+    parser.add_argument("--num-batches", type=int, default=3)
+    parser.add_argument("--quantile", type=float, default=0.5, help="paper sere's per-layer rho quantile")
+    parser.add_argument("--only", nargs="+", help="labels to run (topk and oea always run)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--json", default=str(ROOT / "benchmarks/results/pareto.json"))
+    parser.add_argument("--png", default=str(ROOT / "benchmarks/results/pareto.png"))
+    parser.add_argument("--merge", nargs="+", help="only merge these JSON outputs (split runs) and re-plot")
+    args = parser.parse_args(argv)
+    if args.merge:
+        parts = [json.loads(Path(p).read_text()) for p in args.merge]
+        records = sorted((r for p in parts for r in p["records"]), key=lambda r: r["batch_size"])
+        meta = {**parts[0]["meta"], "wall_s": [p["meta"]["wall_s"] for p in parts], "merged": args.merge}
+        Path(args.json).write_text(json.dumps({"meta": meta, "records": records}, indent=1))
+        plot(records, args.png, f"{Path(meta['model']).name}: E={meta['num_experts']} K={meta['top_k']}, "
+                                f"L={meta['seq_len']} steps, {meta['num_batches']} paired batches per B")
+        return records
+    torch.set_num_threads(args.threads)
+    model_dir = Path(args.model)
+    model, tokenizer = load_model(model_dir)
+    blocks = find_moe_blocks(model)
+    layer_ids = [b.layer_idx for b in blocks]
+    load = lambda p: load_sidecar(p, num_experts=blocks[0].num_experts, layer_ids=layer_ids)  # noqa: E731
+    sidecars = {
+        "cosine": load(args.cosine or model_dir / "sere_similarity.safetensors"),
+        "frobenius": load(args.frobenius or model_dir / "sere_similarity.frobenius.safetensors"),
+        "error": load(args.error or model_dir / "sere_similarity.substitution_error.safetensors"),
+    }
+    thresholds = {(m, args.quantile): {layer: sidecars[m].threshold_for(layer, args.quantile) for layer in layer_ids}
+                  for m in ("cosine", "frobenius")}
+    settings = default_settings(args.quantile)
+    if args.only:
+        settings = [s for s in settings if s["policy"] in ("topk", "oea") or s["label"] in args.only]
+    token_ids = tokenize(tokenizer, args.text, 400_000)
+    started = time.perf_counter()
+    records = []
+    for bs in args.batch_sizes:
+        batches = make_batches(token_ids, bs, args.seq_len, args.num_batches)
+        per = {s["label"]: {"nll": [], "kl": [], "agreement": [], "distinct": []} for s in settings}
+        for k, batch in enumerate(batches):
+            ref = None
+            for s in settings:
+                logp, distinct = decode(model, batch, s, sidecars, thresholds)
+                ref = logp if ref is None else ref
+                for key, value in _batch_metrics(logp, ref, batch[:, 1:]).items():
+                    per[s["label"]][key].append(value)
+                per[s["label"]]["distinct"].append(distinct)
+            log(f"[pareto] B={bs} batch {k + 1}/{len(batches)} ({time.perf_counter() - started:.0f}s)")
+        records += summarise(per, settings, bs, args.seq_len)
+    meta = {"model": str(model_dir), "text": str(args.text), "seq_len": args.seq_len,
+            "num_batches": args.num_batches, "quantile": args.quantile,
+            "sidecar_tokens": {k: v.num_tokens for k, v in sidecars.items()},
+            "num_experts": blocks[0].num_experts, "top_k": blocks[0].top_k, "moe_layers": len(blocks),
+            "machine": f"{platform.processor() or platform.machine()}, {args.threads} thread(s), CPU, shared/loaded",
+            "wall_s": time.perf_counter() - started}
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps({"meta": meta, "records": records}, indent=1))
+    plot(records, args.png, f"{model_dir.name}: E={meta['num_experts']} K={meta['top_k']}, L={args.seq_len} steps, "
+                            f"{args.num_batches} paired batches per B")
+    for r in records:
+        log(f"B={r['batch_size']:>3} {r['label']:<34} distinct {r['distinct_experts']:6.2f} "
+            f"({100 * r['distinct_fraction']:5.1f}%) dppl {100 * r['perplexity_change']:+7.2f}% "
+            f"±{100 * r['perplexity_change_std']:.2f} gapOEA {100 * r['gap_to_oea_frontier']:+6.2f}% "
+            f"±{100 * r['gap_to_oea_frontier_std']:.2f} agree {r['agreement']:.3f}")
+    return records
+
+
+if __name__ == "__main__":
+    main()
