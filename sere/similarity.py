@@ -18,11 +18,12 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["ERROR_METRIC", "SIDECAR_NAME", "Sidecar", "SidecarError", "save_sidecar", "load_sidecar", "resolve_sidecar"]
+__all__ = ["ERROR_METRIC", "ERROR_SIDECAR_NAME", "SIDECAR_NAME", "Sidecar", "SidecarError", "save_sidecar", "load_sidecar", "resolve_sidecar"]
 
 SIDECAR_NAME = "sere_similarity.safetensors"
 FORMAT = "sere-similarity/1"
 ERROR_METRIC = "substitution_error"
+ERROR_SIDECAR_NAME = "sere_similarity.substitution_error.safetensors"  # what sere-err reads
 _KEY = "layers.{}"
 
 

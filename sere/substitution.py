@@ -27,11 +27,10 @@ import torch
 
 from sere.calibrate import capture_layer_inputs, load_model, log, tokenize
 from sere.hf_moe import MoeBlock, find_moe_blocks, run_experts
-from sere.similarity import ERROR_METRIC, save_sidecar
+from sere.similarity import ERROR_SIDECAR_NAME, ERROR_METRIC, save_sidecar
 
 __all__ = ["ERROR_SIDECAR_NAME", "substitution_error", "calibrate_errors", "main"]
 
-ERROR_SIDECAR_NAME = "sere_similarity.substitution_error.safetensors"
 
 
 @torch.no_grad()

