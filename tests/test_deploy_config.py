@@ -32,7 +32,7 @@ def test_serve_config_is_the_tiny_model_on_cpu_with_sere():
     assert app["import_path"] == "deploy.app:build_app"
     args = parse_args(app["args"])
     assert args.engine.device == "cpu"
-    assert args.sere is not None and args.sere.policy == "sere"
+    assert args.sere is not None and (args.sere.policy, args.sere.num_primary) == ("sere-err", 4)
     assert args.model_path == "models/tiny-moe"
     # Fits a 2-core machine: engine bundle + replica actor + ingress below 2 CPUs.
     cpus = sum(b.get("CPU", 0) for b in args.placement.bundles)
