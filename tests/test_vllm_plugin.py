@@ -29,7 +29,7 @@ from sere import metrics, reroute  # noqa: E402
 from sere import vllm_plugin as plugin  # noqa: E402
 from sere.config import SereConfig  # noqa: E402
 from sere.reference import oea_reference, reroute_reference, sere_err_reference  # noqa: E402
-from sere.similarity import SIDECAR_NAME, load_sidecar, save_sidecar  # noqa: E402
+from sere.similarity import ERROR_SIDECAR_NAME, SIDECAR_NAME, load_sidecar, save_sidecar  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_DIR = Path(os.environ.get("SERE_TEST_MODEL", REPO / "models" / "tiny-moe"))
@@ -405,6 +405,24 @@ def test_oea_policy_runs_and_reduces_distinct_experts(sere_llm, tmp_path):
         expected, _ = oea_reference(ids, weights, rec["router_logits"].softmax(-1), 4)
         assert torch.equal(rec["topk_ids"], expected)
     entries = [e for e in stats["layers"] if e["policy"] == "oea"]
+    assert entries and all(e["distinct_experts_after"] < e["distinct_experts_before"] for e in entries)
+
+
+@pytest.mark.slow
+def test_sere_err_policy_dispatches_what_the_reference_predicts(sere_llm, model_dir, tmp_path):
+    """The shipped default (serve_config.yaml): sere-err, S=4, tolerance 0.6, renormalised."""
+    _, stats, records = _run_policy(
+        sere_llm, tmp_path, policy="sere-err", num_primary=4, tolerance=0.6, renormalize=True
+    )
+    errors = load_sidecar(model_dir / ERROR_SIDECAR_NAME, num_experts=E)
+    for rec in records[:16]:
+        weights, ids = _sorted_by_weight(rec["router_topk_weights"], rec["router_topk_ids"])
+        expected_ids, expected_weights = sere_err_reference(
+            ids, weights, errors.matrix(rec["layer"]), 4, tolerance=0.6, renormalize=True
+        )
+        assert torch.equal(rec["topk_ids"], expected_ids), f"layer {rec['layer']}"
+        torch.testing.assert_close(rec["topk_weights"].float(), expected_weights.float())
+    entries = [e for e in stats["layers"] if e["policy"] == "sere-err"]
     assert entries and all(e["distinct_experts_after"] < e["distinct_experts_before"] for e in entries)
 
 
