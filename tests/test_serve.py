@@ -410,19 +410,3 @@ def test_killed_engine_fails_requests_fast_and_the_replica_comes_back(service):
     assert max(end - start for start, end, _ in load.events) < 150  # bounded, not hung
     assert httpx.get(service[0] + "/health", timeout=30).status_code == 200
     assert len(_engine_workers()) == 1  # a fresh engine
-
-
-@pytest.mark.skipif(os.environ.get("SERE_MULTINODE_TESTS") != "1",
-                    reason="~5 min: set SERE_MULTINODE_TESTS=1 (three simulated nodes, DP+EP engine)")
-def test_ep_group_across_two_simulated_nodes_survives_losing_one():
-    """cluster/ep_fault_check.py: DP 2 + EP ranks on node1/node2, both re-route with SERE; node2's
-    raylet killed under load -> requests end within the request timeout, the DP group returns."""
-    import json
-    import subprocess
-    import sys
-
-    result = subprocess.run(
-        [sys.executable, os.path.join(REPO, "cluster", "ep_fault_check.py"), "--model", MODEL],
-        capture_output=True, text=True, timeout=900)
-    report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert result.returncode == 0 and all(report["checks"].values()), report
