@@ -1,17 +1,21 @@
 """Quality against distinct experts: the Pareto frontier of every re-routing policy.
 
     python benchmarks/pareto.py --model models/tiny-moe --text models/tiny-moe/heldout.txt \
-        --batch-sizes 8 16 32 64 --seq-len 64 --num-batches 3 \
+        --batch-sizes 1 8 16 32 64 --seq-len 128 --num-batches 32 \
         --json benchmarks/results/pareto.json --png benchmarks/results/pareto.png
 
-Lock-step teacher-forced batch decoding with a KV cache (the `sere.evaluate` loop), B held-out
-sequences per batch, re-routing across the B tokens of each step in every MoE layer. Every policy
+Lock-step teacher-forced batch decoding (the `sere.evaluate` setting, computed as one causal
+forward per batch, see `decode`), B held-out sequences per batch, re-routing across the B tokens
+of each step in every MoE layer. Batches are disjoint windows of the text (as many as fit, up to
+--num-batches). Every policy
 setting decodes the SAME batches, so per-batch differences are paired: each batch's perplexity
 change is against topk on that batch, and each point's gap to OEA's frontier is the per-batch
-difference to OEA's perplexity linearly interpolated at the point's distinct-expert count.
+difference to OEA's perplexity linearly interpolated at the point's distinct-expert count
+(mean, std, standard error and the number of batches where the point is below the frontier).
 
-Policies: topk; oea S; paper sere (cosine and frobenius sidecars, rho = 0 and a per-layer
-quantile); sere-err (substitution error sidecar; tolerance, renormalisation, keep_cost/budget).
+Policies: topk; oea S = 1..7; paper sere (cosine and frobenius sidecars, rho = 0 and a per-layer
+quantile); sere-err (substitution error sidecar, renormalised; plain, with OEA's refill of dropped
+slots, and with a budget of distinct experts kept by routing mass, with and without refill).
 
 Shape legend: B batch size, L decoded steps per sequence, V vocabulary.
 """
@@ -43,27 +47,33 @@ INF = float("inf")
 def default_settings(quantile: float) -> list[dict]:
     """The sweep: one dict per setting (label, policy, routing_hook kwargs, sidecar name)."""
     out = [dict(label="topk", policy="topk")]
-    out += [dict(label=f"oea S={s}", policy="oea", num_primary=s) for s in (1, 2, 4, 6)]
-    for metric in ("cosine", "frobenius"):
-        for s in (2, 4):
+    out += [dict(label=f"oea S={s}", policy="oea", num_primary=s) for s in range(1, 8)]
+    for metric, sizes in (("cosine", (2, 4)), ("frobenius", (2,))):
+        for s in sizes:
             out.append(dict(label=f"sere-{metric[:3]} S={s} rho=0", policy="sere", num_primary=s, sidecar=metric))
-            out.append(dict(label=f"sere-{metric[:3]} S={s} q={quantile}", policy="sere", num_primary=s,
-                            sidecar=metric, quantile=quantile))
-    err = lambda s, tol, renorm, **kw: dict(  # noqa: E731
-        label=f"sere-err S={s} tol={tol}{' renorm' if renorm else ''}"
-              + "".join(f" {k}={v}" for k, v in kw.items()),
-        policy="sere-err", num_primary=s, tolerance=tol, renormalize=renorm, **kw)
-    out += [err(s, tol, True) for s in (2, 4) for tol in (0.3, 0.6, 1.0)]
-    out += [err(4, tol, False) for tol in (0.3, 1.0)]
-    out += [err(1, 0.6, True), err(6, 0.6, True), err(2, 0.6, True, keep_cost=0.1)]
+    out += [dict(label=f"sere-cos S={s} q={quantile}", policy="sere", num_primary=s, sidecar="cosine",
+                 quantile=quantile) for s in (2, 4)]
+
+    def err(s, tol=0.6, **kw):
+        flags = "".join(f" {k}" if v is True else f" {k}={v}" for k, v in kw.items())
+        return dict(label=f"sere-err S={s} tol={tol}{flags}", policy="sere-err", num_primary=s,
+                    tolerance=tol, renormalize=True, **kw)
+
+    out += [err(s) for s in (1, 2, 4, 6)]
+    out += [err(s, refill=True) for s in (1, 2, 4)]
+    out += [err(1, keep_cost=0.0, max_distinct=d, refill=True) for d in (2, 4, 6, 8, 12, 16, 24, 32, 48)]
+    out += [err(2, keep_cost=0.0, max_distinct=d) for d in (16, 32)]
     return out
 
 
 @torch.no_grad()
 def decode(model, batch: torch.Tensor, setting: dict, sidecars: dict, thresholds: dict):
-    """Teacher-forced lock-step decode of batch [B, L+1]: (log-probs [B, L, V], mean distinct)."""
-    from transformers import DynamicCache
+    """Teacher-forced lock-step decode of batch [B, L+1]: (log-probs [B, L, V], mean distinct).
 
+    One forward over the [B, L] inputs with every position's B tokens re-routed as one decode
+    step (`routing_hook(lockstep_batch=B)`): with causal attention this is what L lock-step
+    decode steps with a KV cache compute (tests/test_pareto.py checks it), L times faster.
+    """
     kwargs = {}
     if setting["policy"] != "topk":
         kwargs["num_primary"] = setting["num_primary"]
@@ -73,17 +83,12 @@ def decode(model, batch: torch.Tensor, setting: dict, sidecars: dict, thresholds
             kwargs["threshold"] = thresholds[(setting["sidecar"], setting["quantile"])]
     if setting["policy"] == "sere-err":
         kwargs["error"] = sidecars["error"].matrices
-        for key in ("tolerance", "keep_cost", "max_distinct", "renormalize"):
+        for key in ("tolerance", "keep_cost", "max_distinct", "renormalize", "refill"):
             if key in setting:
                 kwargs[key] = setting[key]
-    steps = []
-    with routing_hook(model, setting["policy"], **kwargs) as record:
-        cache = DynamicCache(config=model.config)
-        for t in range(batch.shape[1] - 1):
-            out = model(input_ids=batch[:, t : t + 1], past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
-            steps.append(out.logits[:, -1].float().log_softmax(-1))  # [B, V]
-    return torch.stack(steps, 1), record.mean_distinct()
+    with routing_hook(model, setting["policy"], lockstep_batch=batch.shape[0], **kwargs) as record:
+        logits = model(input_ids=batch[:, :-1]).logits  # [B, L, V]
+    return logits.float().log_softmax(-1), record.mean_distinct()
 
 
 def _interp(x: float, xs: list[float], ys: list[float]) -> float:
@@ -120,6 +125,8 @@ def summarise(per: dict, settings: list[dict], bs: int, seq_len: int) -> list[di
             "perplexity": math.exp(statistics.fmean(m["nll"])),
             "perplexity_change": statistics.fmean(change), "perplexity_change_std": statistics.pstdev(change),
             "gap_to_oea_frontier": statistics.fmean(gap), "gap_to_oea_frontier_std": statistics.pstdev(gap),
+            "gap_to_oea_frontier_se": statistics.stdev(gap) / math.sqrt(num_batches) if num_batches > 1 else INF,
+            "wins_vs_oea_frontier": sum(g < 0 for g in gap),
             "agreement": statistics.fmean(m["agreement"]), "agreement_std": statistics.pstdev(m["agreement"]),
             "kl": statistics.fmean(m["kl"]),
             "per_batch": {"perplexity_change": change, "distinct": m["distinct"], "agreement": m["agreement"]},
@@ -176,9 +183,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--cosine", help="cosine sidecar (default MODEL/sere_similarity.safetensors)")
     parser.add_argument("--frobenius", help="default MODEL/sere_similarity.frobenius.safetensors")
     parser.add_argument("--error", help="default MODEL/sere_similarity.substitution_error.safetensors")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 16, 32, 64])
-    parser.add_argument("--seq-len", type=int, default=64)
-    parser.add_argument("--num-batches", type=int, default=3)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 16, 32, 64])
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--num-batches", type=int, default=32)
     parser.add_argument("--quantile", type=float, default=0.5, help="paper sere's per-layer rho quantile")
     parser.add_argument("--only", nargs="+", help="labels to run (topk and oea always run)")
     parser.add_argument("--threads", type=int, default=1)
@@ -240,7 +247,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         log(f"B={r['batch_size']:>3} {r['label']:<34} distinct {r['distinct_experts']:6.2f} "
             f"({100 * r['distinct_fraction']:5.1f}%) dppl {100 * r['perplexity_change']:+7.2f}% "
             f"±{100 * r['perplexity_change_std']:.2f} gapOEA {100 * r['gap_to_oea_frontier']:+6.2f}% "
-            f"±{100 * r['gap_to_oea_frontier_std']:.2f} agree {r['agreement']:.3f}")
+            f"±{100 * r['gap_to_oea_frontier_se']:.2f}(se) wins {r['wins_vs_oea_frontier']}/{r['num_batches']} agree {r['agreement']:.3f}")
     return records
 
 

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sere.ops import reroute, reroute_err
-from sere.reference import POLICIES, distinct_experts, oea_reference
+from sere.reference import POLICIES, distinct_experts, oea_reference, sere_err_reference
 
 __all__ = [
     "MoeBlock",
@@ -227,10 +227,15 @@ def routing_hook(
     keep_cost: float = float("inf"),
     max_distinct: int | None = None,
     renormalize: bool = False,
+    refill: bool = False,
+    lockstep_batch: int | None = None,
 ) -> Iterator[RoutingRecord]:
     """Make every MoE block of `model` apply `policy` to its router's choice, within the block.
 
-    The primary set is taken over all T tokens of each forward call (the batch of a decode step).
+    The primary set is taken over all T tokens of each forward call (the batch of a decode step),
+    or, with `lockstep_batch=B`, over each position's B tokens of a teacher-forced forward over
+    [B, L] (T = B x L, batch-major): with causal attention, layer l at position t then sees
+    exactly what B sequences decoded in lock-step would see, in one forward instead of L.
     Slots are first ordered by descending routing weight (DeepSeek's top-k is unsorted), which
     leaves the block's output unchanged under `topk`.
 
@@ -244,6 +249,10 @@ def routing_hook(
         error: {layer: [E, E]} substitution errors for sere-err (`sere.substitution`).
         tolerance, keep_cost, max_distinct, renormalize: sere-err's parameters, passed through
             to `sere.reroute_err` unchanged.
+        refill: sere-err refills dropped slots from the loaded experts by router score (OEA's
+            fill; `sere_err_reference(router_scores=...)`, the Python reference).
+        lockstep_batch: B, re-route each position of a [B, L] teacher-forced call as one step
+            (every call's T must be a multiple of B); record one entry per position.
     Yields:
         a RoutingRecord filled while the context is active.
     """
@@ -275,31 +284,53 @@ def routing_hook(
 
     record = RoutingRecord(calls={layer: [] for layer in layers})
 
+    if lockstep_batch is not None and lockstep_batch < 1:
+        raise ValueError(f"lockstep_batch must be >= 1, got {lockstep_batch}")
+
+    def reroute_step(b: MoeBlock, logits, weights, ids):
+        """One decode step: [T, E], [T, K], [T, K] -> (ids sorted by weight, new weights, new ids)."""
+        order = torch.sort(weights, dim=-1, descending=True, stable=True).indices
+        ids, weights = ids.gather(1, order), weights.gather(1, order)  # [T, K]
+        if policy == "sere":
+            new = reroute(ids, weights, sims[b.layer_idx], num_primary, thresholds[b.layer_idx])
+        elif policy == "sere-err" and refill:
+            new = sere_err_reference(
+                ids, weights, sims[b.layer_idx], num_primary, tolerance, keep_cost, max_distinct,
+                renormalize, router_scores=router_scores(b, logits),
+            )
+        elif policy == "sere-err":
+            new = reroute_err(
+                ids, weights, sims[b.layer_idx], num_primary, tolerance, keep_cost, max_distinct,
+                renormalize,
+            )
+        else:
+            new = oea_reference(ids, weights, router_scores(b, logits), num_primary)
+        return ids, new[1], new[0]
+
     def make_hook(b: MoeBlock):
         def hook(module, args, output):
             router_logits, topk_weights, topk_ids = output  # [T, E], [T, K], [T, K]
             num_tokens = topk_ids.shape[0]
-            before = int(distinct_experts(topk_ids, b.num_experts))
-            if policy == "topk" or (max_tokens is not None and num_tokens > max_tokens):
-                record.calls[b.layer_idx].append((num_tokens, before, before, 0))
+            per_step = lockstep_batch or num_tokens
+            if num_tokens % per_step:
+                raise ValueError(f"lockstep_batch={lockstep_batch} does not divide the {num_tokens} tokens")
+            # batch-major tokens -> one row of token indices per decode step
+            steps = torch.arange(num_tokens, device=topk_ids.device).view(per_step, -1).T  # [L, B]
+            if policy == "topk" or (max_tokens is not None and per_step > max_tokens):
+                for rows in steps:
+                    before = int(distinct_experts(topk_ids[rows], b.num_experts))
+                    record.calls[b.layer_idx].append((per_step, before, before, 0))
                 return None
-            order = torch.sort(topk_weights, dim=-1, descending=True, stable=True).indices
-            ids, weights = topk_ids.gather(1, order), topk_weights.gather(1, order)  # [T, K]
-            if policy == "sere":
-                new_ids, new_weights = reroute(
-                    ids, weights, sims[b.layer_idx], num_primary, thresholds[b.layer_idx]
+            logits = router_logits.reshape(num_tokens, -1)
+            new_weights, new_ids = torch.empty_like(topk_weights), torch.empty_like(topk_ids)
+            for rows in steps:
+                ids, new_weights[rows], new_ids[rows] = reroute_step(
+                    b, logits[rows], topk_weights[rows], topk_ids[rows]
                 )
-            elif policy == "sere-err":
-                new_ids, new_weights = reroute_err(
-                    ids, weights, sims[b.layer_idx], num_primary, tolerance, keep_cost,
-                    max_distinct, renormalize,
-                )
-            else:
-                scores = router_scores(b, router_logits)  # [T, E]
-                new_ids, new_weights = oea_reference(ids, weights, scores, num_primary)
-            after = int(distinct_experts(new_ids, b.num_experts))
-            changed = int((new_ids != ids).sum())
-            record.calls[b.layer_idx].append((num_tokens, before, after, changed))
+                before = int(distinct_experts(ids, b.num_experts))
+                after = int(distinct_experts(new_ids[rows], b.num_experts))
+                changed = int((new_ids[rows] != ids).sum())
+                record.calls[b.layer_idx].append((per_step, before, after, changed))
             return router_logits, new_weights, new_ids
 
         return hook

@@ -209,6 +209,7 @@ def sere_err_reference(
     max_distinct: int | None = None,
     renormalize: bool = False,
     primary: torch.Tensor | None = None,
+    router_scores: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Error-aware re-routing (`sere-err`).
 
@@ -223,8 +224,12 @@ def sere_err_reference(
             largest summed cost (ties: lowest id); the others are approximated.
         approximated: substitute (id p*, weight kept) if c < tolerance, else drop
             (id = the token's slot-0 expert, weight 0: an exact no-op in the [T, K] layout).
-    With `renormalize`, a token that dropped weight has its remaining weights rescaled to the
-    original sum. Slots < S never change; kept critical experts do not join P.
+    With `router_scores` (refill), dropped slots are refilled as OEA fills them: in slot order,
+    with the loaded experts (P and the kept critical experts) that the token has not chosen yet,
+    highest router score first (ties: lowest id), weight = score x the token's weight/score scale
+    (sum of its top-k weights over the sum of their scores); a slot with no such expert left stays
+    dropped. With `renormalize`, every token's weights are rescaled to their original sum.
+    Slots < S never change; kept critical experts do not join P.
 
     Args:
         topk_ids: [T, K] int32/int64.  topk_weights: [T, K] float.
@@ -233,11 +238,17 @@ def sere_err_reference(
         keep_cost: weighted error above which a slot keeps its expert (inf: never).
         max_distinct: optional budget of distinct experts per call (P included).
         primary: optional [E] bool primary set (default: from `topk_ids`).
+        router_scores: optional [T, E] float post-activation router scores: refill dropped slots.
     Returns:
         (new topk_ids [T, K] same dtype, new topk_weights [T, K] same dtype).
     """
     num_tokens, top_k = topk_ids.shape
     num_experts = error.shape[0]
+    if router_scores is not None and tuple(router_scores.shape) != (num_tokens, num_experts):
+        raise ValueError(
+            f"router_scores must be [num_tokens={num_tokens}, num_experts={num_experts}], "
+            f"got {tuple(router_scores.shape)}"
+        )
     if not 0 < num_primary < top_k:
         raise ValueError(f"num_primary must be in [1, top_k={top_k}), got {num_primary}")
     if not 0.0 < tolerance <= 1.0:
@@ -270,10 +281,52 @@ def sere_err_reference(
     new_ids = torch.cat([topk_ids[:, :num_primary], new_secondary.to(topk_ids.dtype)], dim=1)
     new_weights = topk_weights.clone()
     new_weights[:, num_primary:] = torch.where(drop, 0.0, topk_weights[:, num_primary:])
+    if router_scores is not None:
+        loaded_set = primary.clone()
+        loaded_set[secondary[critical]] = True
+        new_ids, new_weights = _refill(new_ids, new_weights, drop, loaded_set, router_scores,
+                                       topk_ids, topk_weights)
     if renormalize:
         scale = topk_weights.float().sum(1, keepdim=True) / new_weights.float().sum(1, keepdim=True)
         new_weights = (new_weights.float() * scale).to(topk_weights.dtype)
     return new_ids, new_weights
+
+
+def _refill(
+    new_ids: torch.Tensor,
+    new_weights: torch.Tensor,
+    drop: torch.Tensor,
+    loaded: torch.Tensor,
+    router_scores: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """OEA's fill of the dropped secondary slots (sere-err's `router_scores` option).
+
+    Args:
+        new_ids, new_weights: [T, K] after sere-err's decision.  drop: [T, K-S] dropped slots.
+        loaded: [E] bool, the experts the step runs anyway.  router_scores: [T, E].
+        topk_ids, topk_weights: [T, K] the router's choice (for the weight/score scale).
+    """
+    top_k, width = new_ids.shape[1], drop.shape[1]
+    head = top_k - width  # S
+    scores = router_scores.float()  # [T, E]
+    available = loaded[None, :].expand_as(scores).clone()  # [T, E]
+    available.scatter_(1, new_ids.long(), False)  # not chosen by the token already
+    masked = scores.masked_fill(~available, float("-inf"))
+    order = torch.sort(masked, dim=1, descending=True, stable=True).indices[:, :width]  # [T, K-S]
+    ranked = masked.gather(1, order)  # [T, K-S] candidate scores, best first
+    slot_rank = (drop.long().cumsum(1) - 1).clamp_min(0)  # j-th dropped slot takes candidate j
+    pick_id, pick_score = order.gather(1, slot_rank), ranked.gather(1, slot_rank)
+    fill = drop & (pick_score > float("-inf"))  # [T, K-S]
+    scale = topk_weights.float().sum(1, keepdim=True) / scores.gather(1, topk_ids.long()).sum(
+        1, keepdim=True
+    ).clamp_min(1e-20)  # [T, 1] weight per unit of router score
+    tail_ids = torch.where(fill, pick_id, new_ids[:, head:].long())
+    tail_weights = torch.where(fill, pick_score * scale, new_weights[:, head:].float())
+    ids = torch.cat([new_ids[:, :head], tail_ids.to(new_ids.dtype)], dim=1)
+    weights = torch.cat([new_weights[:, :head], tail_weights.to(new_weights.dtype)], dim=1)
+    return ids, weights
 
 
 def distinct_experts(topk_ids: torch.Tensor, num_experts: int) -> torch.Tensor:

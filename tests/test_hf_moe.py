@@ -299,3 +299,43 @@ def test_sere_err_hook_needs_error_matrices():
     with pytest.raises(ValueError, match="substitution error shape"):
         with routing_hook(model, "sere-err", num_primary=1, error={0: torch.zeros(4, 4), 1: torch.zeros(4, 4)}):
             pass
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
+@pytest.mark.parametrize("policy, params", [
+    ("topk", {}),
+    ("oea", dict(num_primary=1)),
+    ("sere-err", dict(num_primary=1, tolerance=0.6, renormalize=True)),
+    ("sere-err", dict(num_primary=1, keep_cost=0.0, max_distinct=4, renormalize=True, refill=True)),
+])
+def test_lockstep_forward_equals_kv_cache_decoding(family, policy, params):
+    """`lockstep_batch=B`: one causal forward over [B, L] re-routes each position's B tokens as
+    one step, which is what L lock-step decode steps with a KV cache compute, step by step."""
+    from transformers import DynamicCache
+
+    model = tiny_moe(family)
+    if policy == "sere-err":
+        errors = {b.layer_idx: torch.rand(8, 8, generator=torch.Generator().manual_seed(b.layer_idx))
+                  .fill_diagonal_(0.0) * 1.2 for b in find_moe_blocks(model)}
+        params = {**params, "error": errors}
+    batch = _ids(batch=4, seq=6)
+    with torch.no_grad():
+        with routing_hook(model, policy, **params) as stepwise:
+            cache, logits = DynamicCache(config=model.config), []
+            for t in range(batch.shape[1]):
+                out = model(input_ids=batch[:, t : t + 1], past_key_values=cache, use_cache=True)
+                cache = out.past_key_values
+                logits.append(out.logits[:, -1])
+        with routing_hook(model, policy, lockstep_batch=4, **params) as lockstep:
+            forward = model(input_ids=batch).logits  # [B, L, V]
+    torch.testing.assert_close(forward, torch.stack(logits, 1), atol=2e-5, rtol=1e-4)
+    assert lockstep.calls == stepwise.calls  # per layer and step: tokens, distinct, re-routed
+    if policy != "topk":
+        assert lockstep.mean_distinct() < lockstep.mean_distinct(after=False)
+
+
+def test_lockstep_batch_must_divide_the_tokens():
+    model = tiny_moe()
+    with pytest.raises(ValueError, match="lockstep_batch=4 does not divide the 9 tokens"):
+        with torch.no_grad(), routing_hook(model, "oea", num_primary=1, lockstep_batch=4):
+            model(_ids(batch=3, seq=3))

@@ -101,3 +101,73 @@ def test_reference_equals_loop_transcription(seed, tolerance, keep_cost, max_dis
 def test_bad_tolerance_is_named():
     with pytest.raises(ValueError, match="tolerance=1.5"):
         sere_err_reference(torch.tensor([[0, 1]]), torch.ones(1, 2), torch.zeros(2, 2), 1, tolerance=1.5)
+
+
+def _canonical(ids, weights):
+    """Per token {expert: summed weight} over slots with weight > 0 (slot order ignored)."""
+    rows = []
+    for row_ids, row_w in zip(ids.tolist(), weights.tolist()):
+        merged = {}
+        for e, w in zip(row_ids, row_w):
+            if w > 1e-7:
+                merged[e] = merged.get(e, 0.0) + w
+        rows.append(merged)
+    return rows
+
+
+def _assert_same_routing(a, b):
+    for got, want in zip(_canonical(*a), _canonical(*b)):
+        assert got.keys() == want.keys()
+        assert all(math.isclose(got[e], want[e], rel_tol=1e-5, abs_tol=1e-7) for e in got)
+
+
+def test_refill_by_hand():
+    # P = {0, 1} (S = 1). Every secondary is dropped (errors 1 >= tolerance), then refilled with
+    # the loaded experts the token has not chosen, highest router score first:
+    #   token 0: [0 | 2 3]  scores 0:.4 1:.3 2:.2 3:.1  -> [0 | 1 0]: only expert 1 is left
+    #   token 1: [1 | 3 2]  scores 1:.5 0:.1 3:.3 2:.1  -> [1 | 0 1]: expert 0, then nothing
+    ids = torch.tensor([[0, 2, 3], [1, 3, 2]])
+    scores = torch.tensor([[0.4, 0.3, 0.2, 0.1], [0.1, 0.5, 0.1, 0.3]])
+    weights = scores.gather(1, ids) / scores.gather(1, ids).sum(1, keepdim=True)  # renormalised top-3
+    new_ids, new_w = sere_err_reference(ids, weights, _error(4, {}), 1, tolerance=0.5, router_scores=scores)
+    assert new_ids.tolist() == [[0, 1, 0], [1, 0, 1]]
+    # weight = score x (sum of top-k weights / sum of their scores): 0.3 / 0.7 and 0.1 / 0.9
+    torch.testing.assert_close(new_w, torch.tensor([[0.4 / 0.7, 0.3 / 0.7, 0.0], [0.5 / 0.9, 0.1 / 0.9, 0.0]]))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_refill_without_substitutes_is_oea(seed):
+    """With no substitute below tolerance, nothing kept, and renormalisation, sere-err + refill
+    is OEA: the same experts with the same weights for every token."""
+    from sere.reference import oea_reference
+
+    gen = torch.Generator().manual_seed(seed)
+    scores = (torch.randn(24, 32, generator=gen) * 2).softmax(1)
+    weights, ids = scores.topk(8, dim=1)
+    weights = weights / weights.sum(1, keepdim=True)
+    error = torch.rand(32, 32, generator=gen).fill_diagonal_(0.0)
+    for s in (1, 2, 4):
+        got = sere_err_reference(ids, weights, error, s, tolerance=1e-9, renormalize=True, router_scores=scores)
+        _assert_same_routing(got, oea_reference(ids, weights, scores, s))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_refill_keeps_decisions_and_the_budget(seed):
+    gen = torch.Generator().manual_seed(seed)
+    scores = (torch.randn(8, 32, generator=gen) * 2).softmax(1)  # |P| <= 8 tokens < budget 12
+    weights, ids = scores.topk(8, dim=1)
+    error = (0.4 + torch.rand(32, 32, generator=gen)).fill_diagonal_(0.0)  # some substitutes, many drops
+    plain = sere_err_reference(ids, weights, error, 1, 0.5, keep_cost=0.0, max_distinct=12)
+    refilled = sere_err_reference(ids, weights, error, 1, 0.5, keep_cost=0.0, max_distinct=12, router_scores=scores)
+    dropped = plain[1] == 0
+    # every slot that was not dropped is unchanged; refilled slots use loaded experts only
+    assert torch.equal(refilled[0][~dropped], plain[0][~dropped])
+    loaded = set(plain[0][~dropped].tolist())
+    assert set(refilled[0][dropped & (refilled[1] > 0)].tolist()) <= loaded
+    assert len(set(refilled[0][refilled[1] > 0].tolist())) == len(loaded) == 12
+    assert (refilled[1] > 0).sum() > (~dropped).sum()  # something was refilled
+
+
+def test_bad_router_scores_are_named():
+    with pytest.raises(ValueError, match=r"router_scores must be \[num_tokens=1, num_experts=2\]"):
+        sere_err_reference(torch.tensor([[0, 1]]), torch.ones(1, 2), torch.zeros(2, 2), 1, router_scores=torch.ones(2))
