@@ -1,4 +1,5 @@
-"""One MoE layer's decode time in vLLM's CPU expert kernel, with and without SERE, next to a roofline.
+"""One MoE layer's decode time in vLLM's CPU expert kernel (--device cuda: grouped GEMMs on one GPU),
+with and without SERE, next to a roofline.
 
 Qwen3-30B-A3B layer shapes: bf16, 128 experts, top-8, hidden 2048, expert width 768 (9.4 MB of
 weights per expert). For each batch size T, in one run and interleaved:
@@ -13,7 +14,23 @@ The router is random and the similarity is random but structured: 16 clusters of
 similar inside a cluster (0.7-0.95) and not across (0.05-0.35), so SERE has real choices.
 Medians of --repeats runs after warm-up. Prints a markdown table; --json / --png write results.
 
+--device cuda (no vLLM needed; sm_90/sm_100, e.g. one H200): the experts are moe_grouped.py's
+`grouped_moe`, two `torch._grouped_mm` calls (CUTLASS) over all 128 experts with the step's slots
+sorted by expert, so untouched experts are empty groups that read no weights. Routing is a plain
+softmax top-8 with renormalisation (vLLM's CPURouter's maths). Per batch size and policy, one CUDA
+graph runs the layer --layers times over as many independent weight sets (a model's decode step
+through its MoE layers: launch cost amortised and no layer's experts still in L2 from the last);
+the routing lives in static input buffers, read at replay, not baked into the graph. Each sample
+is one replay between CUDA events after an L2 flush; time per layer = replay / --layers. The
+bandwidth is a 1 GiB device-to-device copy in the same run (read + write bytes); the compute floor
+is the same graph with every slot on expert 0. Before timing, each routing's grouped result is
+checked against moe_loop_reference (one expert at a time, plain PyTorch) at bf16 tolerance.
+`op ms` and `routing ms` are eager, launch overhead included. NOTE: this path has not run on a GPU
+yet (none was lent when it was written); its device-agnostic parts are tested on CPU
+(tests/test_moe_grouped.py) and the rest by that file's `gpu` tests and benchmarks/device_check.sh.
+
     python benchmarks/bench_moe_layer.py --batch-sizes 1 2 4 8 16 32 64 --json out.json --png out.png
+    python benchmarks/bench_moe_layer.py --device cuda --repeats 50 --json out.json --png out.png
 """
 
 from __future__ import annotations
@@ -78,18 +95,78 @@ def structured_similarity(seed: int, cluster: int = 8) -> torch.Tensor:
     return sim.fill_diagonal_(1.0).contiguous()  # [E, E] float32
 
 
+def make_row(batch, distinct_topk, distinct_sere, times, bandwidth, op_ms, routing_ms, row_cls=Row, **extra):
+    """A row from {"topk", "sere", "floor"} median ms and the bandwidth in GB/s; roofline of a
+    policy = max(its distinct experts' bytes / bandwidth, the measured compute floor)."""
+
+    def roofline(distinct):
+        return max(distinct * EXPERT_BYTES / (bandwidth * 1e9) * 1e3, times["floor"])
+
+    return row_cls(
+        batch_size=batch,
+        distinct_topk=distinct_topk,
+        distinct_sere=distinct_sere,
+        topk_ms=times["topk"],
+        sere_ms=times["sere"],
+        op_ms=op_ms,
+        routing_ms=routing_ms,
+        speedup=times["topk"] / times["sere"],
+        ideal_speedup=distinct_topk / distinct_sere,
+        roofline_topk_ms=roofline(distinct_topk),
+        roofline_sere_ms=roofline(distinct_sere),
+        compute_floor_ms=times["floor"],
+        **extra,
+    )
+
+
 def main(argv: list[str] | None = None) -> list[Row]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
     parser.add_argument("--num-primary", type=int, default=2)
     parser.add_argument("--threshold", type=float, default=0.0)
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: as set)")
+    parser.add_argument("--layers", type=int, default=8,
+                        help="cuda: layers (weight sets) per captured graph (default 8, 1.2 GB each)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None)
     parser.add_argument("--png", default=None)
     args = parser.parse_args(argv)
+    if args.layers < 1:
+        parser.error(f"--layers must be >= 1, got {args.layers}")
 
+    if args.device == "cuda":
+        from moe_layer_cuda import run_cuda
+
+        rows, conditions, title = run_cuda(args)
+    else:
+        rows, conditions, title = _run_cpu(args)
+
+    print()
+    print("| T | distinct topk | distinct sere | topk ms | sere ms | speedup | ideal | roofline topk ms "
+          "| roofline sere ms | compute floor ms | op ms | routing ms |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    d = 4 if args.device == "cuda" else 2  # decimals of the layer times: tens of microseconds on a GPU
+    for r in rows:
+        print(f"| {r.batch_size} | {r.distinct_topk} | {r.distinct_sere} | {r.topk_ms:.{d}f} | {r.sere_ms:.{d}f} "
+              f"| {r.speedup:.2f} | {r.ideal_speedup:.2f} | {r.roofline_topk_ms:.{d}f} | {r.roofline_sere_ms:.{d}f} "
+              f"| {r.compute_floor_ms:.{d}f} | {r.op_ms:.3f} | {r.routing_ms:.3f} |")
+    if args.device == "cuda":
+        print()
+        print("| T | GB/s topk | GB/s sere | max abs err vs loop |")
+        print("|---|---|---|---|")
+        for r in rows:
+            print(f"| {r.batch_size} | {r.gbs_topk:.0f} | {r.gbs_sere:.0f} | {r.max_abs_err:.1e} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"conditions": conditions, "rows": [asdict(r) for r in rows]}, f, indent=2)
+    if args.png:
+        _plot(rows, title, args.png)
+    return rows
+
+
+def _run_cpu(args) -> tuple[list[Row], dict, str]:
     from vllm._custom_ops import cpu_fused_moe, cpu_prepack_moe_weight
     from vllm.model_executor.layers.fused_moe.router.cpu_router import CPURouter
 
@@ -141,38 +218,14 @@ def main(argv: list[str] | None = None) -> list[Row]:
                 start = time.perf_counter()
                 fn()
                 times[name].append((time.perf_counter() - start) * 1e3)
-        topk_ms, sere_ms = statistics.median(times["topk"]), statistics.median(times["sere"])
-        compute_ms = statistics.median(times["floor"])  # FLOPs are unchanged by re-routing
+        # the floor's FLOPs are the step's: unchanged by re-routing
+        times = {name: statistics.median(values) for name, values in times.items()}
+        row = make_row(batch, distinct_topk, distinct_sere, times, bandwidth,
+                       _median_ms(reroute, args.repeats), _median_ms(route, args.repeats))
+        rows.append(row)
+        print(f"T={batch:3d} distinct {distinct_topk:3d} -> {distinct_sere:3d}  topk {row.topk_ms:7.2f} ms  "
+              f"sere {row.sere_ms:7.2f} ms  x{row.speedup:.2f} (ideal x{row.ideal_speedup:.2f})", flush=True)
 
-        def roofline(distinct):
-            return max(distinct * EXPERT_BYTES / (bandwidth * 1e9) * 1e3, compute_ms)
-
-        rows.append(Row(
-            batch_size=batch,
-            distinct_topk=distinct_topk,
-            distinct_sere=distinct_sere,
-            topk_ms=topk_ms,
-            sere_ms=sere_ms,
-            op_ms=_median_ms(reroute, args.repeats),
-            routing_ms=_median_ms(route, args.repeats),
-            speedup=topk_ms / sere_ms,
-            ideal_speedup=distinct_topk / distinct_sere,
-            roofline_topk_ms=roofline(distinct_topk),
-            roofline_sere_ms=roofline(distinct_sere),
-            compute_floor_ms=compute_ms,
-        ))
-        row = rows[-1]
-        print(f"T={batch:3d} distinct {distinct_topk:3d} -> {distinct_sere:3d}  topk {topk_ms:7.2f} ms  "
-              f"sere {sere_ms:7.2f} ms  x{row.speedup:.2f} (ideal x{row.ideal_speedup:.2f})", flush=True)
-
-    print()
-    print("| T | distinct topk | distinct sere | topk ms | sere ms | speedup | ideal | roofline topk ms "
-          "| roofline sere ms | compute floor ms | op ms | routing ms |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r.batch_size} | {r.distinct_topk} | {r.distinct_sere} | {r.topk_ms:.2f} | {r.sere_ms:.2f} "
-              f"| {r.speedup:.2f} | {r.ideal_speedup:.2f} | {r.roofline_topk_ms:.2f} | {r.roofline_sere_ms:.2f} "
-              f"| {r.compute_floor_ms:.2f} | {r.op_ms:.3f} | {r.routing_ms:.3f} |")
     conditions = {
         "machine": platform.processor() or platform.machine(),
         "cpus": os.cpu_count(),
@@ -183,15 +236,11 @@ def main(argv: list[str] | None = None) -> list[Row]:
         "threshold": args.threshold,
         "kernel": "vllm._custom_ops.cpu_fused_moe (isa vec)",
     }
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"conditions": conditions, "rows": [asdict(r) for r in rows]}, f, indent=2)
-    if args.png:
-        _plot(rows, conditions, args.png)
-    return rows
+    title = f"Qwen3-30B-A3B MoE layer, vLLM CPU kernel, {threads} thread(s), {bandwidth:.0f} GB/s"
+    return rows, conditions, title
 
 
-def _plot(rows: list[Row], conditions: dict, path: str) -> None:
+def _plot(rows: list[Row], title: str, path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -206,8 +255,7 @@ def _plot(rows: list[Row], conditions: dict, path: str) -> None:
     ax.set_xscale("log", base=2)
     ax.set_xlabel("tokens in the decode step")
     ax.set_ylabel("MoE layer time (ms)")
-    ax.set_title(f"Qwen3-30B-A3B MoE layer, vLLM CPU kernel, {conditions['threads']} thread(s), "
-                 f"{conditions['bandwidth_gbs']:.0f} GB/s", fontsize=9)
+    ax.set_title(title, fontsize=9)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)

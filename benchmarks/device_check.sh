@@ -3,6 +3,8 @@
 #   1. versions   2. nvcc compile of the kernels alone   3. build sere._C with its CUDA kernels
 #   4. pytest -m gpu (the op's file, then all of tests/), the CPU re-routing tests
 #   5. bench_reroute.py --device cuda (op vs reference, CUDA-graph replay, one MoE layer)
+#   6. bench_moe_layer.py --device cuda (grouped-GEMM MoE layer under a CUDA graph, topk vs sere,
+#      next to the roofline; about 10 GB of expert weights)
 # Run from the repository root; no network needed. Logs, JUnit XML, JSON and PNG go to $OUT
 # (default ./device_check_out). Later steps still run when a test step fails; the exit status
 # is non-zero if any step failed.
@@ -73,6 +75,9 @@ step pytest_reroute_cpu 150 "${python}" -m pytest tests/test_reroute_golden.py t
 step bench_cuda 200 "${python}" benchmarks/bench_reroute.py --device cuda \
   --tokens 1 2 4 8 16 32 64 128 256 512 --shapes 128x8x2 64x6x2 \
   --json "${out}/bench_cuda.json" --png "${out}/bench_cuda.png"
+step bench_moe_layer_cuda 90 "${python}" benchmarks/bench_moe_layer.py --device cuda \
+  --batch-sizes 1 2 4 8 16 32 64 --repeats 30 --layers 8 \
+  --json "${out}/bench_moe_layer_cuda.json" --png "${out}/bench_moe_layer_cuda.png"
 
 echo "--- summary (${out})"
 cat "${summary}"
