@@ -25,7 +25,7 @@ class SereConfig(BaseModel):
     off-diagonal similarities, which means the same thing for every metric.
     Steps with more than `max_decode_tokens` tokens (prefill, chunked prefill) are left alone.
     `sere-err` (error-aware) reads a `substitution_error` sidecar and uses `tolerance`,
-    `keep_cost`, `max_distinct` and `renormalize` (see `sere.reference.sere_err_reference`).
+    `keep_cost`, `max_distinct`, `renormalize` and `refill` (see `sere.reference.sere_err_reference`).
     `scope` sets who shares the primary set: the whole expert-parallel group or each rank.
     """
 
@@ -42,6 +42,7 @@ class SereConfig(BaseModel):
     keep_cost: float | None = Field(default=None, ge=0.0)
     max_distinct: int | None = Field(default=None, ge=1)
     renormalize: bool = False
+    refill: bool = False
 
     @field_validator("policy")
     @classmethod

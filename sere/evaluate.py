@@ -53,6 +53,7 @@ class Setting:
     keep_cost: float = math.inf
     max_distinct: int | None = None
     renormalize: bool = False
+    refill: bool = False
 
     def label(self) -> str:
         if self.policy == "topk":
@@ -60,7 +61,9 @@ class Setting:
         if self.policy == "sere-err":
             extra = "" if self.keep_cost == math.inf else f" keep={self.keep_cost}"
             extra += "" if self.max_distinct is None else f" max={self.max_distinct}"
-            return f"sere-err S={self.num_primary} tol={self.tolerance}{extra}{' renorm' if self.renormalize else ''}"
+            extra += " renorm" if self.renormalize else ""
+            extra += " refill" if self.refill else ""
+            return f"sere-err S={self.num_primary} tol={self.tolerance}{extra}"
         if self.policy == "oea":
             return f"oea S={self.num_primary}"
         rho = f"q={self.threshold_quantile}" if self.threshold_quantile is not None else f"rho={self.threshold}"
@@ -106,6 +109,7 @@ def decode_lockstep(model: nn.Module, batch: torch.Tensor, setting: Setting, sim
         similarity=similarity.matrices if similarity is not None else None,
         error=error.matrices if error is not None else None, tolerance=setting.tolerance,
         keep_cost=setting.keep_cost, max_distinct=setting.max_distinct, renormalize=setting.renormalize,
+        refill=setting.refill,
     ) as record:
         cache = DynamicCache(config=model.config)
         for t in range(num_steps):
@@ -167,7 +171,7 @@ def evaluate(
                 "num_primary": s.num_primary, "threshold": s.threshold,
                 "threshold_quantile": s.threshold_quantile, "tolerance": s.tolerance,
                 "keep_cost": s.keep_cost if s.keep_cost != math.inf else None,
-                "max_distinct": s.max_distinct, "renormalize": s.renormalize,
+                "max_distinct": s.max_distinct, "renormalize": s.renormalize, "refill": s.refill,
                 "num_tokens": len(batches) * bs * seq_len, "num_batches": len(batches), "seq_len": seq_len,
                 "perplexity": ppl, "perplexity_change": ppl / base_ppl - 1.0,
                 "agreement": statistics.fmean(m["agreement"]), "kl": statistics.fmean(m["kl"]),
@@ -229,7 +233,8 @@ def _settings(args, top_k: int) -> list[Setting]:
                 settings.append(Setting("oea", s))
             elif policy == "sere-err":
                 settings += [Setting("sere-err", s, tolerance=t, keep_cost=args.keep_cost,
-                                     max_distinct=args.max_distinct, renormalize=args.renormalize)
+                                     max_distinct=args.max_distinct, renormalize=args.renormalize,
+                                     refill=args.refill)
                              for t in args.tolerance]
             elif args.threshold_quantile:
                 settings += [Setting("sere", s, 0.0, q) for q in args.threshold_quantile]
@@ -257,6 +262,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--max-distinct", type=int, help="sere-err: budget of distinct experts per call")
     parser.add_argument("--renormalize", action="store_true",
                         help="sere-err: rescale a token's remaining weights after a drop")
+    parser.add_argument("--refill", action="store_true",
+                        help="sere-err: refill dropped slots with loaded experts by router score (OEA's fill)")
     parser.add_argument("--seq-len", type=int, default=64, help="decode steps per sequence")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--num-batches", type=int, help="batches per batch size (default 1)")

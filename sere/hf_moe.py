@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sere.ops import reroute, reroute_err
-from sere.reference import POLICIES, distinct_experts, oea_reference, sere_err_reference
+from sere.reference import POLICIES, distinct_experts, oea_reference
 
 __all__ = [
     "MoeBlock",
@@ -250,7 +250,7 @@ def routing_hook(
         tolerance, keep_cost, max_distinct, renormalize: sere-err's parameters, passed through
             to `sere.reroute_err` unchanged.
         refill: sere-err refills dropped slots from the loaded experts by router score (OEA's
-            fill; `sere_err_reference(router_scores=...)`, the Python reference).
+            fill; `sere.reroute_err(router_scores=...)`).
         lockstep_batch: B, re-route each position of a [B, L] teacher-forced call as one step
             (every call's T must be a multiple of B); record one entry per position.
     Yields:
@@ -293,15 +293,10 @@ def routing_hook(
         ids, weights = ids.gather(1, order), weights.gather(1, order)  # [T, K]
         if policy == "sere":
             new = reroute(ids, weights, sims[b.layer_idx], num_primary, thresholds[b.layer_idx])
-        elif policy == "sere-err" and refill:
-            new = sere_err_reference(
-                ids, weights, sims[b.layer_idx], num_primary, tolerance, keep_cost, max_distinct,
-                renormalize, router_scores=router_scores(b, logits),
-            )
         elif policy == "sere-err":
             new = reroute_err(
                 ids, weights, sims[b.layer_idx], num_primary, tolerance, keep_cost, max_distinct,
-                renormalize,
+                renormalize, router_scores=router_scores(b, logits) if refill else None,
             )
         else:
             new = oea_reference(ids, weights, router_scores(b, logits), num_primary)

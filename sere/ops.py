@@ -25,6 +25,7 @@ from sere.reference import (
     STAT_FIELDS,
     _best_substitute,
     reroute_reference,
+    refill_dropped,
     reroute_stats,
     sere_err_reference,
 )
@@ -380,19 +381,44 @@ def _reroute_err_python(
 
 
 def _dispatch_err(
-    topk_ids, topk_weights, error, num_primary, tolerance, keep_cost, max_distinct, renormalize, primary
+    topk_ids, topk_weights, error, num_primary, tolerance, keep_cost, max_distinct, renormalize, primary,
+    router_scores=None,
 ):
-    """(new ids, new weights, stats) from the compiled op, else from the Python path."""
+    """(new ids, new weights, stats) from the compiled op, else from the Python path; with
+    `router_scores`, the op's dropped slots are then refilled (`refill_dropped`, plain torch,
+    no host sync) and the weights renormalised afterwards, as in the reference."""
     if max_distinct is not None and max_distinct < 1:
         raise ValueError(f"max_distinct must be >= 1 or None, got {max_distinct}")
+    refill = router_scores is not None
+    if refill and tuple(router_scores.shape) != (topk_ids.shape[0], error.shape[0]):
+        raise ValueError(
+            f"router_scores must be [num_tokens={topk_ids.shape[0]}, num_experts={error.shape[0]}], "
+            f"got {tuple(router_scores.shape)}"
+        )
+    if refill and primary is None:
+        primary = primary_mask(topk_ids, error.shape[0], num_primary)
     args = (
         topk_ids, topk_weights, error, num_primary, float(tolerance), float(keep_cost),
-        0 if max_distinct is None else int(max_distinct), bool(renormalize), primary,
+        0 if max_distinct is None else int(max_distinct), bool(renormalize) and not refill, primary,
     )
     if topk_ids.device.type in _COMPILED_ERR_DEVICE_TYPES:
-        return torch.ops.sere.reroute_err(*args)
-    _warn_err_fallback(topk_ids.device, stacklevel=3)
-    return _reroute_err_python(*args)
+        new_ids, new_weights, stats = torch.ops.sere.reroute_err(*args)
+    else:
+        _warn_err_fallback(topk_ids.device, stacklevel=3)
+        new_ids, new_weights, stats = _reroute_err_python(*args)
+    if not refill:
+        return new_ids, new_weights, stats
+    # a secondary slot is dropped iff the op zeroed a weight; the step runs P and what it kept
+    drop = (new_weights[:, num_primary:] == 0) & (topk_weights[:, num_primary:] != 0)  # [T, K-S]
+    loaded = primary.clone()
+    loaded[new_ids[new_weights != 0].long()] = True  # [E]
+    new_ids, new_weights = refill_dropped(
+        new_ids, new_weights, drop, loaded, router_scores, topk_ids, topk_weights
+    )
+    if renormalize:
+        scale = topk_weights.float().sum(1, keepdim=True) / new_weights.float().sum(1, keepdim=True)
+        new_weights = (new_weights.float() * scale).to(topk_weights.dtype)
+    return new_ids, new_weights, stats
 
 
 def reroute_err_with_stats(
@@ -405,6 +431,7 @@ def reroute_err_with_stats(
     max_distinct: int | None = None,
     renormalize: bool = False,
     primary: torch.Tensor | None = None,
+    router_scores: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Error-aware re-routing (`sere-err`, sere.reference.sere_err_reference) plus statistics,
     without a host sync.
@@ -423,10 +450,12 @@ def reroute_err_with_stats(
         renormalize: rescale every token's weights to their original sum.
         primary: optional [E] bool primary set (the OR over an expert-parallel group);
             default: P from the first S slots of `topk_ids`.
+        router_scores: optional [T, E] float post-activation router scores: refill dropped slots
+            from the loaded experts by score, as OEA fills (see `sere_err_reference`).
     Returns:
         (new topk_ids [T, K] same dtype, new topk_weights [T, K] same dtype, stats [6] int64 in
         ERR_STAT_FIELDS order: distinct_before, distinct_after, num_primary_experts,
-        rerouted_slots, critical_slots (kept critical slots), dropped_slots).
+        rerouted_slots, critical_slots (kept critical slots), dropped_slots (before a refill)).
         Ids equal the reference's exactly; weights too without `renormalize` (with it, up to
         float32 rounding of the per-token sums).
     Raises:
@@ -438,7 +467,8 @@ def reroute_err_with_stats(
         the reference.
     """
     return _dispatch_err(
-        topk_ids, topk_weights, error, num_primary, tolerance, keep_cost, max_distinct, renormalize, primary
+        topk_ids, topk_weights, error, num_primary, tolerance, keep_cost, max_distinct, renormalize, primary,
+        router_scores,
     )
 
 
@@ -452,13 +482,15 @@ def reroute_err(
     max_distinct: int | None = None,
     renormalize: bool = False,
     primary: torch.Tensor | None = None,
+    router_scores: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Error-aware re-routing: (new topk_ids [T, K], new topk_weights [T, K]), same dtypes.
 
     Arguments as in `reroute_err_with_stats`.
     """
     new_ids, new_weights, _ = _dispatch_err(
-        topk_ids, topk_weights, error, num_primary, tolerance, keep_cost, max_distinct, renormalize, primary
+        topk_ids, topk_weights, error, num_primary, tolerance, keep_cost, max_distinct, renormalize, primary,
+        router_scores,
     )
     return new_ids, new_weights
 

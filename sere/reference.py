@@ -31,6 +31,7 @@ __all__ = [
     "reroute_reference",
     "oea_reference",
     "sere_err_reference",
+    "refill_dropped",
     "reroute_stats",
     "distinct_experts",
 ]
@@ -284,15 +285,16 @@ def sere_err_reference(
     if router_scores is not None:
         loaded_set = primary.clone()
         loaded_set[secondary[critical]] = True
-        new_ids, new_weights = _refill(new_ids, new_weights, drop, loaded_set, router_scores,
-                                       topk_ids, topk_weights)
+        live = drop & (topk_weights[:, num_primary:] != 0)  # a zero-weight slot stays as it is
+        new_ids, new_weights = refill_dropped(new_ids, new_weights, live, loaded_set, router_scores,
+                                              topk_ids, topk_weights)
     if renormalize:
         scale = topk_weights.float().sum(1, keepdim=True) / new_weights.float().sum(1, keepdim=True)
         new_weights = (new_weights.float() * scale).to(topk_weights.dtype)
     return new_ids, new_weights
 
 
-def _refill(
+def refill_dropped(
     new_ids: torch.Tensor,
     new_weights: torch.Tensor,
     drop: torch.Tensor,

@@ -236,7 +236,7 @@ def validate_engine_config(vllm_config) -> SereConfig | None:
 
 
 def router_scores(router_logits: torch.Tensor, scoring_func: str, num_experts: int) -> torch.Tensor:
-    """[T, E] float32 post-activation scores, as the model's router computes them (for OEA)."""
+    """[T, E] float32 post-activation scores, as the model's router computes them (OEA, refill)."""
     logits = router_logits[:, :num_experts].float()
     if scoring_func == "sigmoid":
         return logits.sigmoid()
@@ -332,10 +332,11 @@ class RoutingHook:
             )
         elif self.policy == "sere-err":  # self.similarity holds the substitution errors
             cfg = self.cfg
+            scores = router_scores(router_logits, self.scoring_func, self.num_experts) if cfg.refill else None
             new_ids, new_weights, err_stats = ops.reroute_err_with_stats(
                 sorted_ids, sorted_weights, self.similarity, self.num_primary, cfg.tolerance,
                 float("inf") if cfg.keep_cost is None else cfg.keep_cost, cfg.max_distinct,
-                cfg.renormalize, primary,
+                cfg.renormalize, primary, router_scores=scores,
             )
             stats = err_stats[:5]  # the common STAT_FIELDS (dropped_slots is the 6th)
         else:  # oea

@@ -500,3 +500,53 @@ def test_cuda_out_of_range_ids_are_left_unchanged():
     assert new_ids.tolist() == [[0, 7], [1, -1], [9, 9]]
     assert new_w.tolist() == [[0.5, 0.5], [0.5, 0.5], [0.5, 0.0]]
     assert stats.tolist() == [3, 2, 2, 1, 0, 1]
+
+
+# ------------------------------------------------------------------------------------- refill
+
+
+def _random_refill_call(rng, gen, num_tokens, num_experts, top_k, knobs, no_substitutes=False):
+    args = list(_random_call(rng, gen, num_tokens, num_experts, top_k, *knobs))
+    if no_substitutes:  # S = 1, no substitute anywhere: every slot outside P is dropped or kept
+        args[2] = torch.ones_like(args[2]).fill_diagonal_(0.0)
+        args[3], args[8] = 1, None
+        if args[6] is not None:
+            args[6] = int(primary_mask(args[0], num_experts, 1).sum()) + 2
+    scores = (torch.randn(num_tokens, num_experts, generator=gen) * 2).softmax(1)  # [T, E]
+    return args, scores.to(rng.choice((torch.float32, torch.bfloat16)))
+
+
+@pytest.mark.parametrize("knobs", KNOBS, ids=lambda k: "tol{}-keep{}-budget{}-renorm{}".format(*k))
+@pytest.mark.parametrize(("num_experts", "top_k"), [(8, 4), (64, 8), (128, 8)])
+def test_refill_matches_reference(err_path, num_experts, top_k, knobs):
+    """`router_scores=`: the op's decision, then dropped slots refilled from the loaded experts
+    (plain torch after the op), equals `sere_err_reference(router_scores=...)`; the stats are
+    the op's (dropped_slots counted before the refill)."""
+    seed = 7 + num_experts * 1000 + top_k * 100 + KNOBS.index(knobs)
+    rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
+    refilled = 0
+    for k, num_tokens in enumerate((1, rng.randint(2, 48), rng.randint(2, 48), rng.randint(49, 256))):
+        args, scores = _random_refill_call(rng, gen, num_tokens, num_experts, top_k, knobs, k % 2 == 1)
+        got = sere.ops.reroute_err_with_stats(*args, router_scores=scores)
+        want_ids, want_w = sere_err_reference(*args[:6], args[6], args[7], args[8], router_scores=scores)
+        _compare(_case_name(args), got, (want_ids, want_w, _expected(*args)[2]), True)
+        plain_w = _expected(*args)[1]
+        refilled += int(((plain_w == 0) & (want_w != 0)).sum())
+    if num_experts >= 64 and (knobs[1] == INF or knobs[2]):  # drops with loaded experts to refill
+        assert refilled > 0
+
+
+def test_refill_router_scores_shape_is_named(err_path):
+    with pytest.raises(ValueError, match=r"router_scores must be \[num_tokens=2, num_experts=4\]"):
+        sere.ops.reroute_err(**_base(), router_scores=torch.ones(2, 3))
+
+
+@pytest.mark.gpu
+@pytest.mark.usefixtures("_cuda_kernels_built")
+def test_cuda_refill_matches_reference():
+    rng, gen = random.Random(3), torch.Generator().manual_seed(3)
+    for num_tokens in (1, 16, 255):
+        args, scores = _random_refill_call(rng, gen, num_tokens, 128, 8, rng.choice(KNOBS), rng.random() < 0.5)
+        got = sere.ops.reroute_err_with_stats(*_to_cuda(args), router_scores=scores.cuda())
+        want_ids, want_w = sere_err_reference(*args[:6], args[6], args[7], args[8], router_scores=scores)
+        _compare(_case_name(args), got, (want_ids, want_w, _expected(*args)[2]), True)

@@ -211,17 +211,26 @@ def test_hook_oea_matches_the_reference():
 
 
 @pytest.mark.parametrize("kind", ["softmax", "grouped_sigmoid_biased"])
-def test_hook_sere_err_matches_the_reference(kind):
+@pytest.mark.parametrize("knobs", [
+    dict(tolerance=0.6, renormalize=True),
+    dict(tolerance=0.6, renormalize=True, refill=True),
+    dict(tolerance=0.6, renormalize=True, refill=True, num_primary=1, keep_cost=0.0, max_distinct=12),
+], ids=["plain", "refill", "budget-refill"])
+def test_hook_sere_err_matches_the_reference(kind, knobs):
     router = _routers()[kind]
     hidden, logits = torch.randn(16, 32), torch.randn(16, E, generator=torch.Generator().manual_seed(2))
     own_weights, own_ids = router.select_experts(hidden, logits)
     error = torch.rand(E, E, generator=torch.Generator().manual_seed(4)) * 1.5  # [E, E]
     error.fill_diagonal_(0.0)
-    _hooked(router, policy="sere-err", num_primary=2, sim=error, tolerance=0.6, renormalize=True)
+    knobs = {"num_primary": 2, **knobs}
+    _hooked(router, policy="sere-err", sim=error, **knobs)
     weights, ids = router.select_experts(hidden, logits)
     sorted_weights, sorted_ids = _sorted_by_weight(own_weights, own_ids)
+    scores = plugin.router_scores(logits, getattr(router, "scoring_func", "softmax"), E)
     expected_ids, expected_weights = sere_err_reference(
-        sorted_ids, sorted_weights, error, 2, tolerance=0.6, renormalize=True
+        sorted_ids, sorted_weights, error, knobs["num_primary"], knobs["tolerance"],
+        knobs.get("keep_cost", float("inf")), knobs.get("max_distinct"), knobs["renormalize"],
+        router_scores=scores if knobs.get("refill") else None,
     )
     assert torch.equal(ids, expected_ids)
     torch.testing.assert_close(weights, expected_weights)
