@@ -6,7 +6,8 @@
 On held-out tokens, for the tokens the model routes to expert i (any of its top-k slots), the
 relative output error of replacing expert i by expert j:
     err[i, j] = sum_n ||Y_i[n] - Y_j[n]||^2 / sum_n ||Y_i[n]||^2     (dropping i: err = 1)
-accumulated in token chunks (per-token Gram [C, E, E], never E x N x d). Reported per layer and
+as `sere.substitution.substitution_error` computes it (streamed in token chunks, never E x N x d;
+experts that no held-out token reaches are left out of the summaries). Reported per layer and
 overall (mean / median over experts) for: the nearest neighbour under each similarity sidecar
 (argmax_{j != i} sim[i, j], ties to the lowest id), a random other expert (the exact expectation,
 mean over j != i), the best possible substitute (oracle, min over j != i) and dropping (1).
@@ -28,31 +29,9 @@ from pathlib import Path
 import torch
 
 from sere.calibrate import capture_layer_inputs, load_model, log, tokenize
-from sere.hf_moe import MoeBlock, find_moe_blocks, run_experts
+from sere.hf_moe import find_moe_blocks
 from sere.similarity import load_sidecar
-
-
-@torch.no_grad()
-def substitution_errors(block: MoeBlock, x: torch.Tensor, topk_ids: torch.Tensor, chunk_tokens: int = 256):
-    """(err [E, E] float64, tokens routed to each expert [E] int64) on inputs x [N, d]."""
-    num_experts = block.num_experts
-    num = torch.zeros(num_experts, num_experts, dtype=torch.float64)
-    den = torch.zeros(num_experts, dtype=torch.float64)
-    count = torch.zeros(num_experts, dtype=torch.int64)
-    for s in range(0, x.shape[0], chunk_tokens):
-        e = min(s + chunk_tokens, x.shape[0])
-        y = run_experts(block, x[s:e]).double()  # [E, C, d]
-        sq = (y * y).sum(-1).T  # [C, E]
-        gram = torch.einsum("ecd,fcd->cef", y, y)  # [C, E, E]
-        dist2 = (sq[:, :, None] + sq[:, None, :] - 2.0 * gram).clamp_min(0.0)  # [C, E, E]
-        routed = torch.zeros(e - s, num_experts, dtype=torch.float64)
-        routed.scatter_(1, topk_ids[s:e], 1.0)  # [C, E], duplicates count once
-        num += torch.einsum("ce,cef->ef", routed, dist2)
-        den += (routed * sq).sum(0)
-        count += routed.sum(0).long()
-    err = num / den.clamp_min(1e-30)[:, None]
-    err.fill_diagonal_(0.0)
-    return err, count
+from sere.substitution import substitution_error
 
 
 def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -117,7 +96,8 @@ def main(argv: list[str] | None = None) -> dict:
     layers, pooled = {}, {}
     for b in blocks:
         log(f"[substitution] layer {b.layer_idx}")
-        err, count = substitution_errors(b, *captured[b.layer_idx], args.chunk_tokens)
+        err, count = substitution_error(b, *captured[b.layer_idx], args.chunk_tokens)
+        err = err.double()  # [E, E], the report's sums and means in float64
         report = layer_report(err, count, {k: s.matrix(b.layer_idx) for k, s in sidecars.items()})
         layers[b.layer_idx] = report
         for name, values in report["per_expert"].items():

@@ -22,3 +22,11 @@ for name in reroute_cuda reroute_err_cuda; do
   "${nvcc_bin}" -std=c++17 -arch=sm_90 -c "${here}/${name}.cu" -o "${out_dir}/${name}_sm90.o"
   echo "OK: csrc/${name}.cu compiles for sm_90 (+ compute_80 PTX)"
 done
+# Each header the kernels include stands on its own, toolkit only (reroute_common.cuh is shared by
+# both kernels; the launcher headers are also included by the torch glue).
+for header in reroute_common reroute_cuda reroute_err_cuda; do
+  printf '#include "%s.cuh"\n' "${header}" > "${out_dir}/${header}_alone.cu"
+  "${nvcc_bin}" -std=c++17 -Werror all-warnings -arch=sm_90 -I"${here}" \
+    -c "${out_dir}/${header}_alone.cu" -o "${out_dir}/${header}_alone.o"
+  echo "OK: csrc/${header}.cuh compiles on its own"
+done

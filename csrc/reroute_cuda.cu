@@ -13,28 +13,17 @@
 
 #include <math.h>
 
+#include "reroute_common.cuh"
+
 namespace sere {
 namespace {
 
-constexpr int kWarpSize = 32;
-constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int kSingleBlockThreads = 1024;
 constexpr int kPrepareThreads = 1024;
 constexpr int kSlotThreads = 256;
 constexpr int kSlotsPerThread = 8;
 constexpr int64_t kSlotsPerBlock = int64_t{kSlotThreads} * kSlotsPerThread;
 constexpr size_t kWorkspaceHeader = 32;  // 2 x u64 counters, u32 ticket, padding
-
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-__device__ __forceinline__ unsigned warp_sum(unsigned value) {
-  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
-    value += __shfl_xor_sync(kFullMask, value, offset);
-  }
-  return value;
-}
 
 // New expert for a non-primary expert e, computed by one whole warp (call warp-uniformly):
 // p* = argmax_{p in P} sim[e, p] with ties to the lowest id, or e itself when P is empty or
@@ -60,14 +49,7 @@ __device__ int nearest_primary_warp(
       }
     }
   }
-  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
-    const float other = __shfl_xor_sync(kFullMask, best, offset);
-    const int other_id = __shfl_xor_sync(kFullMask, best_id, offset);
-    if (other > best || (other == best && other_id < best_id)) {
-      best = other;
-      best_id = other_id;
-    }
-  }
+  warp_best</*kLargest=*/true>(best, best_id);
   if (best_id == num_experts || (use_threshold && best < threshold)) {
     return e;  // nothing loaded, or a critical expert: kept
   }
@@ -95,9 +77,61 @@ Workspace carve_workspace(void* base, int num_experts) {
   return ws;
 }
 
+// Rewrites the slots first, first + blockDim.x, ... < end: a secondary slot whose expert e is
+// valid and outside P takes target[e], counted as rerouted, or as critical when target[e] == e.
+// Marks after[new id] and, when `before` is given, before[e]; an invalid id is copied and marked
+// nowhere. Adds the block's rerouted and critical slots to counts[0], counts[1].
 template <typename IdT>
-__device__ __forceinline__ bool valid_id(IdT e, int num_experts) {
-  return e >= 0 && e < static_cast<IdT>(num_experts);
+__device__ __forceinline__ void rewrite_slots(
+    const IdT* __restrict__ topk_ids,  // [T, K]
+    IdT* __restrict__ new_ids,         // [T, K]
+    int64_t first,
+    int64_t end,
+    int top_k,
+    int num_primary,
+    int num_experts,
+    const int* target,                 // [E]
+    const unsigned char* in_primary,   // [E]
+    unsigned char* before,             // [E] or nullptr
+    unsigned char* after,              // [E]
+    unsigned long long* counts) {      // [2]
+  unsigned rerouted = 0;
+  unsigned critical = 0;
+  for (int64_t i = first; i < end; i += blockDim.x) {
+    const IdT e = topk_ids[i];
+    IdT new_e = e;
+    if (valid_id(e, num_experts)) {
+      if (before != nullptr) {
+        before[e] = 1;
+      }
+      if (i % top_k >= num_primary && !in_primary[e]) {
+        new_e = static_cast<IdT>(target[e]);
+        rerouted += new_e != e;
+        critical += new_e == e;
+      }
+      after[new_e] = 1;
+    }
+    new_ids[i] = new_e;
+  }
+  add_to_totals({rerouted, critical}, counts);
+}
+
+// P from the primary slots: flags[e] = 1 for every valid id e in a slot < S.
+template <typename IdT, typename FlagT>
+__device__ __forceinline__ void mark_primary_slots(
+    const IdT* __restrict__ topk_ids,  // [T, K]
+    int64_t num_tokens,
+    int top_k,
+    int num_primary,
+    int num_experts,
+    FlagT* flags) {                    // [E]
+  const int64_t num_primary_slots = num_tokens * num_primary;
+  for (int64_t j = threadIdx.x; j < num_primary_slots; j += blockDim.x) {
+    const IdT e = topk_ids[(j / num_primary) * top_k + j % num_primary];
+    if (valid_id(e, num_experts)) {
+      flags[e] = 1;
+    }
+  }
 }
 
 template <typename IdT, typename SimT>
@@ -134,20 +168,7 @@ __global__ void __launch_bounds__(kSingleBlockThreads) single_block_kernel(
   }
   __syncthreads();
 
-  for (int64_t i = tid; i < num_slots; i += blockDim.x) {
-    const IdT e = topk_ids[i];
-    if (!valid_id(e, num_experts)) {
-      continue;
-    }
-    before[e] = 1;
-    if (i % top_k < num_primary) {
-      if (primary == nullptr) {
-        in_primary[e] = 1;
-      }
-    } else {
-      needed[e] = 1;
-    }
-  }
+  mark_slots(topk_ids, primary, num_slots, top_k, num_primary, num_experts, in_primary, before, needed);
   __syncthreads();
 
   const int warp = tid / kWarpSize;
@@ -162,45 +183,12 @@ __global__ void __launch_bounds__(kSingleBlockThreads) single_block_kernel(
   }
   __syncthreads();
 
-  unsigned rerouted = 0;
-  unsigned critical = 0;
-  for (int64_t i = tid; i < num_slots; i += blockDim.x) {
-    const IdT e = topk_ids[i];
-    IdT new_e = e;
-    if (valid_id(e, num_experts)) {
-      if (i % top_k >= num_primary && !in_primary[e]) {
-        new_e = static_cast<IdT>(target[e]);
-        rerouted += new_e != e;
-        critical += new_e == e;
-      }
-      after[new_e] = 1;
-    }
-    new_ids[i] = new_e;
-  }
-  rerouted = warp_sum(rerouted);
-  critical = warp_sum(critical);
-  if (tid % kWarpSize == 0) {
-    atomicAdd(&totals[3], static_cast<unsigned long long>(rerouted));
-    atomicAdd(&totals[4], static_cast<unsigned long long>(critical));
-  }
+  // before was marked by the first pass
+  rewrite_slots(topk_ids, new_ids, tid, num_slots, top_k, num_primary, num_experts, target, in_primary,
+                nullptr, after, &totals[3]);
   __syncthreads();
 
-  unsigned count_before = 0;
-  unsigned count_after = 0;
-  unsigned count_primary = 0;
-  for (int e = tid; e < num_experts; e += blockDim.x) {
-    count_before += before[e];
-    count_after += after[e];
-    count_primary += in_primary[e];
-  }
-  count_before = warp_sum(count_before);
-  count_after = warp_sum(count_after);
-  count_primary = warp_sum(count_primary);
-  if (tid % kWarpSize == 0) {
-    atomicAdd(&totals[0], static_cast<unsigned long long>(count_before));
-    atomicAdd(&totals[1], static_cast<unsigned long long>(count_after));
-    atomicAdd(&totals[2], static_cast<unsigned long long>(count_primary));
-  }
+  add_distinct_counts(before, after, in_primary, num_experts, totals);
   __syncthreads();
   if (tid < 5) {
     stats[tid] = static_cast<int64_t>(totals[tid]);
@@ -234,13 +222,7 @@ __global__ void __launch_bounds__(kPrepareThreads) prepare_kernel(
   }
   __syncthreads();
   if (primary == nullptr) {
-    const int64_t num_primary_slots = num_tokens * num_primary;
-    for (int64_t j = tid; j < num_primary_slots; j += blockDim.x) {
-      const IdT e = topk_ids[(j / num_primary) * top_k + j % num_primary];
-      if (valid_id(e, num_experts)) {
-        in_primary[e] = 1;
-      }
-    }
+    mark_primary_slots(topk_ids, num_tokens, top_k, num_primary, num_experts, in_primary);
   }
   __syncthreads();
   const int warp = tid / kWarpSize;
@@ -287,28 +269,8 @@ __global__ void __launch_bounds__(kSlotThreads) slot_kernel(
   const int64_t num_slots = num_tokens * top_k;
   const int64_t begin = blockIdx.x * kSlotsPerBlock;
   const int64_t end = begin + kSlotsPerBlock < num_slots ? begin + kSlotsPerBlock : num_slots;
-  unsigned rerouted = 0;
-  unsigned critical = 0;
-  for (int64_t i = begin + tid; i < end; i += blockDim.x) {
-    const IdT e = topk_ids[i];
-    IdT new_e = e;
-    if (valid_id(e, num_experts)) {
-      before[e] = 1;
-      if (i % top_k >= num_primary && !in_primary[e]) {
-        new_e = static_cast<IdT>(target[e]);
-        rerouted += new_e != e;
-        critical += new_e == e;
-      }
-      after[new_e] = 1;
-    }
-    new_ids[i] = new_e;
-  }
-  rerouted = warp_sum(rerouted);
-  critical = warp_sum(critical);
-  if (tid % kWarpSize == 0) {
-    atomicAdd(&ws.counters[0], static_cast<unsigned long long>(rerouted));
-    atomicAdd(&ws.counters[1], static_cast<unsigned long long>(critical));
-  }
+  rewrite_slots(topk_ids, new_ids, begin + tid, end, top_k, num_primary, num_experts, target, in_primary,
+                before, after, ws.counters);
   __syncthreads();
   for (int e = tid; e < num_experts; e += blockDim.x) {
     if (before[e]) {
@@ -329,29 +291,14 @@ __global__ void __launch_bounds__(kSlotThreads) slot_kernel(
   }
   __threadfence();
 
-  const volatile unsigned char* all_before = ws.before;
-  const volatile unsigned char* all_after = ws.after;
-  unsigned count_before = 0;
-  unsigned count_after = 0;
-  unsigned count_primary = 0;
-  for (int e = tid; e < num_experts; e += blockDim.x) {
-    count_before += all_before[e];
-    count_after += all_after[e];
-    count_primary += in_primary[e];
-  }
   __shared__ unsigned long long totals[3];
   if (tid < 3) {
     totals[tid] = 0;
   }
   __syncthreads();
-  count_before = warp_sum(count_before);
-  count_after = warp_sum(count_after);
-  count_primary = warp_sum(count_primary);
-  if (tid % kWarpSize == 0) {
-    atomicAdd(&totals[0], static_cast<unsigned long long>(count_before));
-    atomicAdd(&totals[1], static_cast<unsigned long long>(count_after));
-    atomicAdd(&totals[2], static_cast<unsigned long long>(count_primary));
-  }
+  const volatile unsigned char* all_before = ws.before;
+  const volatile unsigned char* all_after = ws.after;
+  add_distinct_counts(all_before, all_after, in_primary, num_experts, totals);
   __syncthreads();
   if (tid == 0) {
     const volatile unsigned long long* counters = ws.counters;
@@ -376,13 +323,7 @@ __global__ void __launch_bounds__(kSingleBlockThreads) primary_mask_kernel(
     mask[e] = false;
   }
   __syncthreads();  // the zeroes land before any thread sets a bit
-  const int64_t num_primary_slots = num_tokens * num_primary;
-  for (int64_t j = tid; j < num_primary_slots; j += blockDim.x) {
-    const IdT e = topk_ids[(j / num_primary) * top_k + j % num_primary];
-    if (valid_id(e, num_experts)) {
-      mask[e] = true;
-    }
-  }
+  mark_primary_slots(topk_ids, num_tokens, top_k, num_primary, num_experts, mask);
 }
 
 }  // namespace
@@ -395,36 +336,24 @@ size_t reroute_workspace_bytes(int64_t num_tokens, int top_k, int num_experts) {
 }
 
 template <typename IdT, typename SimT>
-cudaError_t launch_reroute(
-    const IdT* topk_ids,
-    IdT* new_ids,
-    const SimT* similarity,
-    const bool* primary,
-    int64_t num_tokens,
-    int top_k,
-    int num_primary,
-    int num_experts,
-    bool use_threshold,
-    float threshold,
-    int64_t* stats,
-    void* workspace,
-    cudaStream_t stream) {
-  const int64_t num_slots = num_tokens * top_k;
+cudaError_t launch_reroute(const RerouteArgs<IdT, SimT>& args, cudaStream_t stream) {
+  const int64_t num_slots = args.num_tokens * args.top_k;
   if (num_slots <= kSingleBlockMaxSlots) {
-    const size_t smem = (sizeof(int) + 4) * static_cast<size_t>(num_experts);
+    const size_t smem = (sizeof(int) + 4) * static_cast<size_t>(args.num_experts);
     single_block_kernel<IdT, SimT><<<1, kSingleBlockThreads, smem, stream>>>(
-        topk_ids, new_ids, similarity, primary, num_tokens, top_k, num_primary, num_experts,
-        use_threshold, threshold, stats);
+        args.topk_ids, args.new_ids, args.similarity, args.primary, args.num_tokens, args.top_k,
+        args.num_primary, args.num_experts, args.use_threshold, args.threshold, args.stats);
     return cudaGetLastError();
   }
-  const Workspace ws = carve_workspace(workspace, num_experts);
-  prepare_kernel<IdT, SimT><<<1, kPrepareThreads, static_cast<size_t>(num_experts), stream>>>(
-      topk_ids, similarity, primary, num_tokens, top_k, num_primary, num_experts, use_threshold,
-      threshold, ws);
+  const Workspace ws = carve_workspace(args.workspace, args.num_experts);
+  prepare_kernel<IdT, SimT><<<1, kPrepareThreads, static_cast<size_t>(args.num_experts), stream>>>(
+      args.topk_ids, args.similarity, args.primary, args.num_tokens, args.top_k, args.num_primary,
+      args.num_experts, args.use_threshold, args.threshold, ws);
   const int64_t num_blocks = (num_slots + kSlotsPerBlock - 1) / kSlotsPerBlock;
-  const size_t smem = (sizeof(int) + 3) * static_cast<size_t>(num_experts);
+  const size_t smem = (sizeof(int) + 3) * static_cast<size_t>(args.num_experts);
   slot_kernel<IdT><<<static_cast<unsigned>(num_blocks), kSlotThreads, smem, stream>>>(
-      topk_ids, new_ids, num_tokens, top_k, num_primary, num_experts, ws, stats);
+      args.topk_ids, args.new_ids, args.num_tokens, args.top_k, args.num_primary, args.num_experts,
+      ws, args.stats);
   return cudaGetLastError();
 }
 
@@ -442,10 +371,8 @@ cudaError_t launch_primary_mask(
   return cudaGetLastError();
 }
 
-#define SERE_INSTANTIATE_REROUTE(IdT, SimT)                                                      \
-  template cudaError_t launch_reroute<IdT, SimT>(                                                \
-      const IdT*, IdT*, const SimT*, const bool*, int64_t, int, int, int, bool, float, int64_t*, \
-      void*, cudaStream_t);
+#define SERE_INSTANTIATE_REROUTE(IdT, SimT) \
+  template cudaError_t launch_reroute<IdT, SimT>(const RerouteArgs<IdT, SimT>&, cudaStream_t);
 
 SERE_INSTANTIATE_REROUTE(int32_t, float)
 SERE_INSTANTIATE_REROUTE(int32_t, __half)

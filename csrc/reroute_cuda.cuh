@@ -29,30 +29,27 @@ constexpr int64_t kSingleBlockMaxSlots = 8192;
 // Bytes of the scratch buffer that launch_reroute needs (0 for the single-block path).
 size_t reroute_workspace_bytes(int64_t num_tokens, int top_k, int num_experts);
 
-// SERE re-routing (SERE_SPEC section 2).
-//   topk_ids [T, K], new_ids [T, K]: IdT = int32_t or int64_t, contiguous, distinct buffers.
-//   similarity [E, E]: SimT = float, __half or __nv_bfloat16, compared in float32.
-//   primary [E] bool or nullptr (nullptr: P from the first S slots of topk_ids).
-//   use_threshold: rho > 0; threshold: float32(rho).
-//   stats [5] int64: distinct_before, distinct_after, num_primary_experts, rerouted_slots,
-//     critical_slots (sere.reference.STAT_FIELDS).
-//   workspace: reroute_workspace_bytes(...) bytes (any contents), or nullptr when that is 0.
-// Returns cudaGetLastError() after the launches.
+// Arguments of launch_reroute, device pointers and sizes.
 template <typename IdT, typename SimT>
-cudaError_t launch_reroute(
-    const IdT* topk_ids,
-    IdT* new_ids,
-    const SimT* similarity,
-    const bool* primary,
-    int64_t num_tokens,
-    int top_k,
-    int num_primary,
-    int num_experts,
-    bool use_threshold,
-    float threshold,
-    int64_t* stats,
-    void* workspace,
-    cudaStream_t stream);
+struct RerouteArgs {
+  const IdT* topk_ids;     // [T, K], IdT = int32_t or int64_t, contiguous
+  IdT* new_ids;            // [T, K], contiguous, a buffer distinct from topk_ids
+  const SimT* similarity;  // [E, E], SimT = float, __half or __nv_bfloat16, compared in float32
+  const bool* primary;     // [E], or nullptr: P from the first S slots of topk_ids
+  int64_t num_tokens;
+  int top_k;
+  int num_primary;
+  int num_experts;
+  bool use_threshold;      // rho > 0
+  float threshold;         // float32(rho)
+  int64_t* stats;          // [5] distinct_before, distinct_after, num_primary_experts,
+                           //   rerouted_slots, critical_slots (sere.reference.STAT_FIELDS)
+  void* workspace;         // reroute_workspace_bytes(...) bytes (any contents), or nullptr when 0
+};
+
+// SERE re-routing (SERE_SPEC section 2). Returns cudaGetLastError() after the launches.
+template <typename IdT, typename SimT>
+cudaError_t launch_reroute(const RerouteArgs<IdT, SimT>& args, cudaStream_t stream);
 
 // P as an [E] bool mask (written in full, no prior zeroing needed): one launch.
 template <typename IdT>

@@ -25,27 +25,15 @@
 #include <vector>
 
 #include "reroute_checks.h"
+#include "reroute_cpu_common.h"
+#include "reroute_dispatch.h"
 
 namespace sere {
 namespace {
 
-// Per-expert flags, one byte each.
-constexpr uint8_t kInPrimary = 1;
-constexpr uint8_t kSeenBefore = 2;
-constexpr uint8_t kSeenAfter = 4;
+// Per-expert flags of this kernel, above those of reroute_cpu_common.h.
 constexpr uint8_t kCandidate = 8;  // some slot of this expert costs more than keep_cost
 constexpr uint8_t kAllowed = 16;   // ... and the expert fits in the budget: those slots keep it
-constexpr int32_t kUnknown = -1;
-
-template <typename IdT>
-void check_ids_in_range(const IdT* ids, int64_t num_slots, int64_t top_k, int64_t num_experts) {
-  for (int64_t i = 0; i < num_slots; ++i) {
-    const int64_t e = static_cast<int64_t>(ids[i]);
-    TORCH_CHECK_VALUE(
-        e >= 0 && e < num_experts, "topk_ids[", i / top_k, ", ", i % top_k, "] = ", e,
-        " is outside [0, num_experts=", num_experts, ")");
-  }
-}
 
 // p* and error[e, p*] for one expert; err = +inf when P is empty, no error to P is below +inf, or
 // one of them is NaN (the reference's min() propagates NaN, which it maps to +inf).
@@ -95,27 +83,8 @@ void reroute_err_kernel(
   check_ids_in_range(topk_ids, num_slots, top_k, num_experts);
 
   std::vector<uint8_t> flags(num_experts, 0);  // [E]
-  for (int64_t i = 0; i < num_slots; ++i) {
-    flags[topk_ids[i]] |= kSeenBefore;
-  }
-  if (primary != nullptr) {
-    for (int64_t e = 0; e < num_experts; ++e) {
-      flags[e] |= primary[e] ? kInPrimary : 0;
-    }
-  } else {
-    for (int64_t t = 0; t < num_tokens; ++t) {
-      for (int64_t s = 0; s < num_primary; ++s) {
-        flags[topk_ids[t * top_k + s]] |= kInPrimary;
-      }
-    }
-  }
-  std::vector<int32_t> primary_ids;  // P in ascending id order
-  primary_ids.reserve(num_experts);
-  for (int64_t e = 0; e < num_experts; ++e) {
-    if (flags[e] & kInPrimary) {
-      primary_ids.push_back(static_cast<int32_t>(e));
-    }
-  }
+  const std::vector<int32_t> primary_ids =  // P in ascending id order
+      mark_before_and_primary(topk_ids, primary, num_tokens, top_k, num_primary, num_experts, flags);
 
   std::vector<Substitute> subs(num_experts);  // [E], filled lazily for non-primary secondaries
   const auto substitute_of = [&](int32_t e) -> const Substitute& {
@@ -211,14 +180,7 @@ void reroute_err_kernel(
     }
   }
 
-  int64_t distinct_before = 0;
-  int64_t distinct_after = 0;
-  for (int64_t e = 0; e < num_experts; ++e) {
-    distinct_before += (flags[e] & kSeenBefore) != 0;
-    distinct_after += (flags[e] & kSeenAfter) != 0;
-  }
-  stats[0] = distinct_before;
-  stats[1] = distinct_after;
+  write_distinct_counts(flags, stats);
   stats[2] = num_primary_experts;
   stats[3] = rerouted_slots;
   stats[4] = critical_slots;
@@ -239,42 +201,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> reroute_err_cpu(
   at::Tensor new_ids = at::empty(topk_ids.sizes(), topk_ids.options());              // [T, K]
   at::Tensor new_weights = at::empty(topk_weights.sizes(), topk_weights.options());  // [T, K]
   at::Tensor stats = at::empty({kNumErrStats}, topk_ids.options().dtype(at::kLong));  // [6]
-  const bool* primary_ptr = primary.has_value() ? primary->data_ptr<bool>() : nullptr;
+  const bool* primary_ptr = primary_data(primary);
   // Compared in float32 like the reference compares a float32 tensor with a Python float.
   const float tolerance_f32 = static_cast<float>(tolerance);
   const float keep_cost_f32 = static_cast<float>(keep_cost);
 
-  const auto run = [&](auto id_tag, auto weight_tag, auto err_tag) {
-    using IdT = decltype(id_tag);
-    using WeightT = decltype(weight_tag);
-    using ErrT = decltype(err_tag);
-    reroute_err_kernel<IdT, WeightT, ErrT>(
-        topk_ids.data_ptr<IdT>(), topk_weights.data_ptr<WeightT>(), error.data_ptr<ErrT>(),
-        primary_ptr, new_ids.data_ptr<IdT>(), new_weights.data_ptr<WeightT>(), topk_ids.size(0),
-        topk_ids.size(1), num_primary, error.size(0), tolerance_f32, keep_cost_f32, max_distinct,
-        renormalize, stats.data_ptr<int64_t>());
-  };
-  const auto with_err = [&](auto id_tag, auto weight_tag) {
-    switch (error.scalar_type()) {
-      case at::kFloat: run(id_tag, weight_tag, float{}); break;
-      case at::kBFloat16: run(id_tag, weight_tag, at::BFloat16{}); break;
-      case at::kHalf: run(id_tag, weight_tag, at::Half{}); break;
-      default: TORCH_CHECK(false, "unreachable: error dtype was checked");
-    }
-  };
-  const auto with_weights = [&](auto id_tag) {
-    switch (topk_weights.scalar_type()) {
-      case at::kFloat: with_err(id_tag, float{}); break;
-      case at::kBFloat16: with_err(id_tag, at::BFloat16{}); break;
-      case at::kHalf: with_err(id_tag, at::Half{}); break;
-      default: TORCH_CHECK(false, "unreachable: topk_weights dtype was checked");
-    }
-  };
-  if (topk_ids.scalar_type() == at::kInt) {
-    with_weights(int32_t{});
-  } else {
-    with_weights(int64_t{});
-  }
+  dispatch_ids(topk_ids, [&](auto id_tag) {
+    dispatch_float(topk_weights, "topk_weights", [&](auto weight_tag) {
+      dispatch_float(error, "error", [&](auto err_tag) {
+        using IdT = decltype(id_tag);
+        using WeightT = decltype(weight_tag);
+        using ErrT = decltype(err_tag);
+        reroute_err_kernel<IdT, WeightT, ErrT>(
+            topk_ids.data_ptr<IdT>(), topk_weights.data_ptr<WeightT>(), error.data_ptr<ErrT>(),
+            primary_ptr, new_ids.data_ptr<IdT>(), new_weights.data_ptr<WeightT>(), topk_ids.size(0),
+            topk_ids.size(1), num_primary, error.size(0), tolerance_f32, keep_cost_f32, max_distinct,
+            renormalize, stats.data_ptr<int64_t>());
+      });
+    });
+  });
   return {new_ids, new_weights, stats};
 }
 

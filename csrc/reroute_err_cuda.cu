@@ -23,11 +23,11 @@
 
 #include <math.h>
 
+#include "reroute_common.cuh"
+
 namespace sere {
 namespace {
 
-constexpr int kWarpSize = 32;
-constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int kThreads = 1024;
 constexpr int kStats = 6;  // sere.ops.ERR_STAT_FIELDS
 // Slot keys: expert id above kSlotBits bits of slot index (T * K <= 2^kSlotBits).
@@ -72,10 +72,6 @@ __host__ __device__ inline SmemLayout smem_layout(int num_slots, int num_experts
   return layout;
 }
 
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-
 template <typename T>
 __device__ __forceinline__ T from_float(float x);
 template <>
@@ -84,18 +80,6 @@ template <>
 __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
-
-__device__ __forceinline__ unsigned warp_sum(unsigned value) {
-  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
-    value += __shfl_xor_sync(kFullMask, value, offset);
-  }
-  return value;
-}
-
-template <typename IdT>
-__device__ __forceinline__ bool valid_id(IdT e, int num_experts) {
-  return e >= 0 && e < static_cast<IdT>(num_experts);
-}
 
 // torch's clamp_max(x, 1) for a non-NaN x.
 __device__ __forceinline__ float clamp_max_one(float x) { return x < 1.0f ? x : 1.0f; }
@@ -126,14 +110,7 @@ __device__ void best_substitute_warp(
       }
     }
   }
-  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
-    const float other = __shfl_xor_sync(kFullMask, best, offset);
-    const int other_p = __shfl_xor_sync(kFullMask, best_p, offset);
-    if (other < best || (other == best && other_p < best_p)) {
-      best = other;
-      best_p = other_p;
-    }
-  }
+  warp_best</*kLargest=*/false>(best, best_p);
   saw_nan = __any_sync(kFullMask, saw_nan);
   if (lane == 0) {
     best_err[e] = (saw_nan || best_p == num_experts) ? INFINITY : best;
@@ -229,20 +206,7 @@ __global__ void __launch_bounds__(kThreads) reroute_err_kernel(
   }
   __syncthreads();
 
-  for (int i = tid; i < num_slots; i += blockDim.x) {
-    const IdT e = topk_ids[i];
-    if (!valid_id(e, num_experts)) {
-      continue;
-    }
-    before[e] = 1;
-    if (i % top_k < num_primary) {
-      if (primary == nullptr) {
-        in_primary[e] = 1;
-      }
-    } else {
-      needed[e] = 1;
-    }
-  }
+  mark_slots(topk_ids, primary, num_slots, top_k, num_primary, num_experts, in_primary, before, needed);
   __syncthreads();
 
   for (int e = warp; e < num_experts; e += num_warps) {
@@ -363,32 +327,10 @@ __global__ void __launch_bounds__(kThreads) reroute_err_kernel(
     }
   }
 
-  rerouted = warp_sum(rerouted);
-  critical = warp_sum(critical);
-  dropped = warp_sum(dropped);
-  if (tid % kWarpSize == 0) {
-    atomicAdd(&totals[3], static_cast<unsigned long long>(rerouted));
-    atomicAdd(&totals[4], static_cast<unsigned long long>(critical));
-    atomicAdd(&totals[5], static_cast<unsigned long long>(dropped));
-  }
+  add_to_totals({rerouted, critical, dropped}, &totals[3]);
   __syncthreads();
 
-  unsigned count_before = 0;
-  unsigned count_after = 0;
-  unsigned count_primary = 0;
-  for (int e = tid; e < num_experts; e += blockDim.x) {
-    count_before += before[e];
-    count_after += after[e];
-    count_primary += in_primary[e];
-  }
-  count_before = warp_sum(count_before);
-  count_after = warp_sum(count_after);
-  count_primary = warp_sum(count_primary);
-  if (tid % kWarpSize == 0) {
-    atomicAdd(&totals[0], static_cast<unsigned long long>(count_before));
-    atomicAdd(&totals[1], static_cast<unsigned long long>(count_after));
-    atomicAdd(&totals[2], static_cast<unsigned long long>(count_primary));
-  }
+  add_distinct_counts(before, after, in_primary, num_experts, totals);
   __syncthreads();
   if (tid < kStats) {
     stats[tid] = static_cast<int64_t>(totals[tid]);
@@ -398,31 +340,18 @@ __global__ void __launch_bounds__(kThreads) reroute_err_kernel(
 }  // namespace
 
 template <typename IdT, typename WeightT, typename ErrT>
-cudaError_t launch_reroute_err(
-    const IdT* topk_ids,
-    const WeightT* topk_weights,
-    const ErrT* error,
-    const bool* primary,
-    IdT* new_ids,
-    WeightT* new_weights,
-    int64_t* stats,
-    int64_t num_tokens,
-    int top_k,
-    int num_primary,
-    int num_experts,
-    float tolerance,
-    float keep_cost,
-    int64_t max_distinct,
-    bool renormalize,
-    cudaStream_t stream) {
-  if (num_tokens < 0 || top_k < 1 || num_tokens * top_k > kSingleBlockMaxSlots || num_experts < 1 ||
-      num_experts > kCudaMaxExperts) {
+cudaError_t launch_reroute_err(const RerouteErrArgs<IdT, WeightT, ErrT>& args, cudaStream_t stream) {
+  const int64_t num_tokens = args.num_tokens;
+  const int num_experts = args.num_experts;
+  if (num_tokens < 0 || args.top_k < 1 || num_tokens * args.top_k > kSingleBlockMaxSlots ||
+      num_experts < 1 || num_experts > kCudaMaxExperts) {
     return cudaErrorInvalidValue;
   }
   // A budget of E + 1 or more never excludes a candidate (at most E - |P| of them): clamp to int.
+  const int64_t max_distinct = args.max_distinct;
   const int budget = max_distinct <= 0 ? 0
       : static_cast<int>(max_distinct < num_experts + 1 ? max_distinct : num_experts + 1);
-  const int num_slots = static_cast<int>(num_tokens * top_k);
+  const int num_slots = static_cast<int>(num_tokens * args.top_k);
   const size_t smem = smem_layout(num_slots, num_experts, budget > 0).total;
   const auto kernel = reroute_err_kernel<IdT, WeightT, ErrT>;
   if (smem > kDefaultMaxSharedBytes) {
@@ -434,16 +363,15 @@ cudaError_t launch_reroute_err(
     }
   }
   kernel<<<1, kThreads, smem, stream>>>(
-      topk_ids, topk_weights, error, primary, new_ids, new_weights, stats,
-      static_cast<int>(num_tokens), top_k, num_primary, num_experts, tolerance, keep_cost, budget,
-      renormalize);
+      args.topk_ids, args.topk_weights, args.error, args.primary, args.new_ids, args.new_weights,
+      args.stats, static_cast<int>(num_tokens), args.top_k, args.num_primary, num_experts,
+      args.tolerance, args.keep_cost, budget, args.renormalize);
   return cudaGetLastError();
 }
 
-#define SERE_INSTANTIATE_REROUTE_ERR(IdT, WeightT, ErrT)                                          \
-  template cudaError_t launch_reroute_err<IdT, WeightT, ErrT>(                                    \
-      const IdT*, const WeightT*, const ErrT*, const bool*, IdT*, WeightT*, int64_t*, int64_t, int, \
-      int, int, float, float, int64_t, bool, cudaStream_t);
+#define SERE_INSTANTIATE_REROUTE_ERR(IdT, WeightT, ErrT)       \
+  template cudaError_t launch_reroute_err<IdT, WeightT, ErrT>( \
+      const RerouteErrArgs<IdT, WeightT, ErrT>&, cudaStream_t);
 #define SERE_INSTANTIATE_REROUTE_ERR_ERRORS(IdT, WeightT)      \
   SERE_INSTANTIATE_REROUTE_ERR(IdT, WeightT, float)            \
   SERE_INSTANTIATE_REROUTE_ERR(IdT, WeightT, __half)           \

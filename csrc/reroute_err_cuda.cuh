@@ -23,35 +23,33 @@
 
 namespace sere {
 
-// Error-aware re-routing, exact like the reference (ids and weights; renormalised weights up to
-// float32 rounding of the per-token sums).
-//   topk_ids [T, K], new_ids [T, K]: IdT = int32_t or int64_t, contiguous, distinct buffers.
-//   topk_weights [T, K], new_weights [T, K]: WeightT = float, __half or __nv_bfloat16.
-//   error [E, E]: ErrT = float, __half or __nv_bfloat16, compared in float32.
-//   primary [E] bool or nullptr (nullptr: P from the first S slots of topk_ids).
-//   tolerance: float32(tolerance) in (0, 1]; keep_cost: float32(keep_cost) >= 0 or +inf.
-//   max_distinct <= 0: no budget.
-//   stats [6] int64: distinct_before, distinct_after, num_primary_experts, rerouted_slots,
-//     critical_slots, dropped_slots (sere.ops.ERR_STAT_FIELDS).
-// Returns cudaErrorInvalidValue for sizes beyond the limits above, else cudaGetLastError() after
-// the launch (or the error of raising the kernel's shared-memory limit for large E).
+// Arguments of launch_reroute_err, device pointers and sizes.
 template <typename IdT, typename WeightT, typename ErrT>
-cudaError_t launch_reroute_err(
-    const IdT* topk_ids,
-    const WeightT* topk_weights,
-    const ErrT* error,
-    const bool* primary,
-    IdT* new_ids,
-    WeightT* new_weights,
-    int64_t* stats,
-    int64_t num_tokens,
-    int top_k,
-    int num_primary,
-    int num_experts,
-    float tolerance,
-    float keep_cost,
-    int64_t max_distinct,
-    bool renormalize,
-    cudaStream_t stream);
+struct RerouteErrArgs {
+  const IdT* topk_ids;          // [T, K], IdT = int32_t or int64_t, contiguous
+  const WeightT* topk_weights;  // [T, K], WeightT = float, __half or __nv_bfloat16, contiguous
+  const ErrT* error;            // [E, E], ErrT = float, __half or __nv_bfloat16, compared in float32
+  const bool* primary;          // [E], or nullptr: P from the first S slots of topk_ids
+  IdT* new_ids;                 // [T, K], contiguous, a buffer distinct from topk_ids
+  WeightT* new_weights;         // [T, K], contiguous, a buffer distinct from topk_weights
+  int64_t* stats;               // [6] distinct_before, distinct_after, num_primary_experts,
+                                //   rerouted_slots, critical_slots, dropped_slots
+                                //   (sere.ops.ERR_STAT_FIELDS)
+  int64_t num_tokens;
+  int top_k;
+  int num_primary;
+  int num_experts;
+  float tolerance;              // float32(tolerance) in (0, 1]
+  float keep_cost;              // float32(keep_cost) >= 0 or +inf
+  int64_t max_distinct;         // <= 0: no budget
+  bool renormalize;
+};
+
+// Error-aware re-routing, exact like the reference (ids and weights; renormalised weights up to
+// float32 rounding of the per-token sums). Returns cudaErrorInvalidValue for sizes beyond the
+// limits above, else cudaGetLastError() after the launch (or the error of raising the kernel's
+// shared-memory limit for large E).
+template <typename IdT, typename WeightT, typename ErrT>
+cudaError_t launch_reroute_err(const RerouteErrArgs<IdT, WeightT, ErrT>& args, cudaStream_t stream);
 
 }  // namespace sere

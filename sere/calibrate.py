@@ -35,7 +35,8 @@ from sere.hf_moe import MoeBlock, down_matrices, expert_down, expert_hidden, fin
 from sere.similarity import SIDECAR_NAME, save_sidecar
 
 __all__ = ["METRICS", "read_text", "load_model", "tokenize", "capture_layer_inputs",
-           "similarity_matrix", "calibrate", "main"]
+           "parse_calibration_args", "load_calibration", "save_calibration", "similarity_matrix",
+           "calibrate", "main"]
 
 METRICS = ("cosine", "frobenius", "cka")
 
@@ -99,6 +100,53 @@ def tokenize(tokenizer, path: str | Path, max_tokens: int | None = None) -> torc
     if ids.numel() == 0:
         raise SystemExit(f"{path}: the text has no tokens")
     return ids
+
+
+def parse_calibration_args(
+    parser: argparse.ArgumentParser, argv: list[str] | None, *, chunk_tokens: int, sidecar_name: str
+) -> argparse.Namespace:
+    """Adds the options shared by the calibration CLIs after the caller's own (--tokens, --chunk-tokens,
+    --seq-len, --batch-size, --out, --threads), parses `argv`, applies --threads, checks the counts."""
+    parser.add_argument("--tokens", type=int, default=16384, help="calibration tokens N")
+    parser.add_argument("--chunk-tokens", type=int, default=chunk_tokens, help="tokens per expert chunk")
+    parser.add_argument("--seq-len", type=int, default=512, help="window length of the forward pass")
+    parser.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+    parser.add_argument("--out", help=f"sidecar file (default: MODEL/{sidecar_name})")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    for flag in ("tokens", "chunk_tokens", "seq_len", "batch_size"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    return args
+
+
+def load_calibration(args: argparse.Namespace, tag: str) -> tuple[nn.Module, list[MoeBlock], torch.Tensor]:
+    """(model, its MoE blocks, [N] int64 calibration token ids) for args.model / args.data /
+    args.tokens; SystemExit when the model has no MoE blocks. `tag` prefixes the log line."""
+    model, tokenizer = load_model(args.model)
+    try:
+        blocks = find_moe_blocks(model)
+    except ValueError as exc:
+        raise SystemExit(f"{args.model}: {exc}") from exc
+    token_ids = tokenize(tokenizer, args.data, args.tokens)
+    if token_ids.numel() < args.tokens:
+        log(f"[{tag}] note: {args.data} has only {token_ids.numel()} tokens (asked {args.tokens})")
+    return model, blocks, token_ids
+
+
+def save_calibration(
+    args: argparse.Namespace, matrices: dict[int, torch.Tensor], *, metric: str, num_tokens: int,
+    model: nn.Module, num_experts: int, sidecar_name: str,
+) -> Path:
+    """Writes {layer: [E, E]} with the run's metadata to --out (default: MODEL/`sidecar_name`)."""
+    out = Path(args.out) if args.out else Path(args.model) / sidecar_name
+    return save_sidecar(
+        out, matrices, metric=metric, num_tokens=num_tokens,
+        model_id=Path(args.model).resolve().name, num_experts=num_experts,
+        extra_metadata={"data": str(args.data), "architecture": type(model).__name__},
+    )
 
 
 @torch.no_grad()
@@ -256,38 +304,16 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--model", required=True, help="Hugging Face model directory")
     parser.add_argument("--data", required=True, help="calibration text: a file or a folder")
     parser.add_argument("--metric", choices=METRICS, default="cosine")
-    parser.add_argument("--tokens", type=int, default=16384, help="calibration tokens N")
-    parser.add_argument("--chunk-tokens", type=int, default=512, help="tokens per expert chunk")
-    parser.add_argument("--seq-len", type=int, default=512, help="window length of the forward pass")
-    parser.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
-    parser.add_argument("--out", help=f"sidecar file (default: MODEL/{SIDECAR_NAME})")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    for flag in ("tokens", "chunk_tokens", "seq_len", "batch_size"):
-        if getattr(args, flag) < 1:
-            parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    args = parse_calibration_args(parser, argv, chunk_tokens=512, sidecar_name=SIDECAR_NAME)
 
     torch.manual_seed(0)
-    model, tokenizer = load_model(args.model)
-    try:
-        blocks = find_moe_blocks(model)
-    except ValueError as exc:
-        raise SystemExit(f"{args.model}: {exc}") from exc
-    token_ids = tokenize(tokenizer, args.data, args.tokens)
-    if token_ids.numel() < args.tokens:
-        log(f"[calibrate] note: {args.data} has only {token_ids.numel()} tokens (asked {args.tokens})")
+    model, blocks, token_ids = load_calibration(args, "calibrate")
     matrices, num_tokens = calibrate(
         model, token_ids, args.metric,
         chunk_tokens=args.chunk_tokens, seq_len=args.seq_len, batch_size=args.batch_size,
     )
-    out = Path(args.out) if args.out else Path(args.model) / SIDECAR_NAME
-    path = save_sidecar(
-        out, matrices, metric=args.metric, num_tokens=num_tokens,
-        model_id=Path(args.model).resolve().name, num_experts=blocks[0].num_experts,
-        extra_metadata={"data": str(args.data), "architecture": type(model).__name__},
-    )
+    path = save_calibration(args, matrices, metric=args.metric, num_tokens=num_tokens, model=model,
+                            num_experts=blocks[0].num_experts, sidecar_name=SIDECAR_NAME)
     for layer, sim in matrices.items():
         off = sim[~torch.eye(sim.shape[0], dtype=torch.bool)]
         log(f"[calibrate] layer {layer}: off-diagonal mean {off.mean():.4f} "

@@ -25,9 +25,15 @@ from pathlib import Path
 
 import torch
 
-from sere.calibrate import capture_layer_inputs, load_model, log, tokenize
+from sere.calibrate import (
+    capture_layer_inputs,
+    load_calibration,
+    log,
+    parse_calibration_args,
+    save_calibration,
+)
 from sere.hf_moe import MoeBlock, find_moe_blocks, run_experts
-from sere.similarity import ERROR_SIDECAR_NAME, ERROR_METRIC, save_sidecar
+from sere.similarity import ERROR_METRIC, ERROR_SIDECAR_NAME
 
 __all__ = ["ERROR_SIDECAR_NAME", "substitution_error", "calibrate_errors", "main"]
 
@@ -88,36 +94,14 @@ def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(prog="python -m sere.substitution", description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True, help="Hugging Face model directory")
     parser.add_argument("--data", required=True, help="calibration text: a file or a folder")
-    parser.add_argument("--tokens", type=int, default=16384, help="calibration tokens N")
-    parser.add_argument("--chunk-tokens", type=int, default=256, help="tokens per expert chunk")
-    parser.add_argument("--seq-len", type=int, default=512, help="window length of the forward pass")
-    parser.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
-    parser.add_argument("--out", help=f"sidecar file (default: MODEL/{ERROR_SIDECAR_NAME})")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    for flag in ("tokens", "chunk_tokens", "seq_len", "batch_size"):
-        if getattr(args, flag) < 1:
-            parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    args = parse_calibration_args(parser, argv, chunk_tokens=256, sidecar_name=ERROR_SIDECAR_NAME)
 
-    model, tokenizer = load_model(args.model)
-    try:
-        blocks = find_moe_blocks(model)
-    except ValueError as exc:
-        raise SystemExit(f"{args.model}: {exc}") from exc
-    token_ids = tokenize(tokenizer, args.data, args.tokens)
-    if token_ids.numel() < args.tokens:
-        log(f"[substitution] note: {args.data} has only {token_ids.numel()} tokens (asked {args.tokens})")
+    model, blocks, token_ids = load_calibration(args, "substitution")
     errors, counts, num_tokens = calibrate_errors(
         model, token_ids, chunk_tokens=args.chunk_tokens, seq_len=args.seq_len, batch_size=args.batch_size
     )
-    out = Path(args.out) if args.out else Path(args.model) / ERROR_SIDECAR_NAME
-    path = save_sidecar(
-        out, errors, metric=ERROR_METRIC, num_tokens=num_tokens,
-        model_id=Path(args.model).resolve().name, num_experts=blocks[0].num_experts,
-        extra_metadata={"data": str(args.data), "architecture": type(model).__name__},
-    )
+    path = save_calibration(args, errors, metric=ERROR_METRIC, num_tokens=num_tokens, model=model,
+                            num_experts=blocks[0].num_experts, sidecar_name=ERROR_SIDECAR_NAME)
     for layer, err in errors.items():
         off = err.masked_fill(torch.eye(err.shape[0], dtype=torch.bool), float("inf"))
         best = off.min(1).values

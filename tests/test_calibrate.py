@@ -169,7 +169,7 @@ def test_substitution_errors_match_brute_force_and_twins_cost_nothing():
     block = find_moe_blocks(model)[0]
     x = torch.randn(90, 32)
     topk_ids = torch.randint(0, 16, (90, 4), generator=torch.Generator().manual_seed(0))
-    err, count = sub.substitution_errors(block, x, topk_ids, chunk_tokens=40)
+    err, count = sub.substitution_error(block, x, topk_ids, chunk_tokens=40)
     with torch.no_grad():
         y = torch.stack([run_expert(block, i, x) for i in range(16)]).double()  # [E, N, d]
     for i, j in [(2, 5), (7, 3)]:

@@ -1,0 +1,117 @@
+// Device helpers shared by the SERE CUDA kernels (reroute_cuda.cu, reroute_err_cuda.cu). Toolkit
+// only, like the kernels (no torch); the torch glue never includes it.
+//
+// Shape legend: T tokens, K top-k slots, S = num_primary, E experts.
+// Block-level helpers stride over their range with blockDim.x and must be called by every thread
+// of the block (their warp shuffles name all 32 lanes).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace sere {
+
+constexpr int kWarpSize = 32;
+constexpr unsigned kFullMask = 0xffffffffu;
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+__device__ __forceinline__ unsigned warp_sum(unsigned value) {
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+    value += __shfl_xor_sync(kFullMask, value, offset);
+  }
+  return value;
+}
+
+template <typename IdT>
+__device__ __forceinline__ bool valid_id(IdT e, int num_experts) {
+  return e >= 0 && e < static_cast<IdT>(num_experts);
+}
+
+// Reduces every lane's (best, best_id) to the warp's best, in every lane: the largest value
+// (kLargest) or the smallest, ties to the lowest id. NaN never compares better.
+template <bool kLargest>
+__device__ __forceinline__ void warp_best(float& best, int& best_id) {
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+    const float other = __shfl_xor_sync(kFullMask, best, offset);
+    const int other_id = __shfl_xor_sync(kFullMask, best_id, offset);
+    if ((kLargest ? other > best : other < best) || (other == best && other_id < best_id)) {
+      best = other;
+      best_id = other_id;
+    }
+  }
+}
+
+// totals[j] += the block's sum of counts[j], in order: warp sums, then one atomicAdd per warp.
+template <int N>
+__device__ __forceinline__ void add_to_totals(const unsigned (&counts)[N], unsigned long long* totals) {
+  unsigned sums[N];
+#pragma unroll
+  for (int j = 0; j < N; ++j) {
+    sums[j] = warp_sum(counts[j]);
+  }
+  if (threadIdx.x % kWarpSize == 0) {
+#pragma unroll
+    for (int j = 0; j < N; ++j) {
+      atomicAdd(&totals[j], static_cast<unsigned long long>(sums[j]));
+    }
+  }
+}
+
+// First pass over the slots [0, T * K): for every valid id e, before[e] = 1, then in_primary[e]
+// = 1 for a slot < S when P comes from topk_ids (primary == nullptr), needed[e] = 1 (a secondary
+// somewhere) for a slot >= S. IndexT: the kernel's slot index type.
+template <typename IdT, typename IndexT>
+__device__ __forceinline__ void mark_slots(
+    const IdT* __restrict__ topk_ids,  // [T, K]
+    const bool* primary,               // [E] or nullptr
+    IndexT num_slots,
+    int top_k,
+    int num_primary,
+    int num_experts,
+    unsigned char* in_primary,         // [E]
+    unsigned char* before,             // [E]
+    unsigned char* needed) {           // [E]
+  for (IndexT i = threadIdx.x; i < num_slots; i += blockDim.x) {
+    const IdT e = topk_ids[i];
+    if (!valid_id(e, num_experts)) {
+      continue;
+    }
+    before[e] = 1;
+    if (i % top_k < num_primary) {
+      if (primary == nullptr) {
+        in_primary[e] = 1;
+      }
+    } else {
+      needed[e] = 1;
+    }
+  }
+}
+
+// totals[0..2] += the block's counts of experts seen before, seen after and in P (STAT_FIELDS
+// distinct_before, distinct_after, num_primary_experts). FlagT: unsigned char, or volatile
+// unsigned char for flags that other blocks wrote.
+template <typename FlagT>
+__device__ __forceinline__ void add_distinct_counts(
+    const FlagT* before,              // [E]
+    const FlagT* after,               // [E]
+    const unsigned char* in_primary,  // [E]
+    int num_experts,
+    unsigned long long* totals) {     // [3]
+  unsigned count_before = 0;
+  unsigned count_after = 0;
+  unsigned count_primary = 0;
+  for (int e = threadIdx.x; e < num_experts; e += blockDim.x) {
+    count_before += before[e];
+    count_after += after[e];
+    count_primary += in_primary[e];
+  }
+  add_to_totals({count_before, count_after, count_primary}, totals);
+}
+
+}  // namespace sere

@@ -1,0 +1,79 @@
+// Bookkeeping shared by the CPU kernels (reroute_cpu.cpp, reroute_err_cpu.cpp): the id range
+// check, the per-expert flags and the first pass that builds P.
+//
+// Shape legend: T tokens, K top-k slots, S = num_primary, E experts.
+#pragma once
+
+#include <c10/util/Exception.h>
+
+#include <cstdint>
+#include <vector>
+
+namespace sere {
+
+// Per-expert flags, one byte each; a kernel may add its own bits above kSeenAfter.
+constexpr uint8_t kInPrimary = 1;
+constexpr uint8_t kSeenBefore = 2;
+constexpr uint8_t kSeenAfter = 4;
+constexpr int32_t kUnknown = -1;
+
+template <typename IdT>
+void check_ids_in_range(const IdT* ids, int64_t num_slots, int64_t top_k, int64_t num_experts) {
+  for (int64_t i = 0; i < num_slots; ++i) {
+    const int64_t e = static_cast<int64_t>(ids[i]);
+    TORCH_CHECK_VALUE(
+        e >= 0 && e < num_experts, "topk_ids[", i / top_k, ", ", i % top_k, "] = ", e,
+        " is outside [0, num_experts=", num_experts, ")");
+  }
+}
+
+// First pass over ids already in range: kSeenBefore for every slot's expert, kInPrimary for P
+// (the caller's [E] mask, or the experts of the first S slots of every token when `primary` is
+// nullptr). Returns P in ascending id order.
+template <typename IdT>
+std::vector<int32_t> mark_before_and_primary(
+    const IdT* topk_ids,  // [T, K]
+    const bool* primary,  // [E] or nullptr
+    int64_t num_tokens,
+    int64_t top_k,
+    int64_t num_primary,
+    int64_t num_experts,
+    std::vector<uint8_t>& flags) {  // [E]
+  const int64_t num_slots = num_tokens * top_k;
+  for (int64_t i = 0; i < num_slots; ++i) {
+    flags[topk_ids[i]] |= kSeenBefore;
+  }
+  if (primary != nullptr) {
+    for (int64_t e = 0; e < num_experts; ++e) {
+      flags[e] |= primary[e] ? kInPrimary : 0;
+    }
+  } else {
+    for (int64_t t = 0; t < num_tokens; ++t) {
+      for (int64_t s = 0; s < num_primary; ++s) {
+        flags[topk_ids[t * top_k + s]] |= kInPrimary;
+      }
+    }
+  }
+  std::vector<int32_t> primary_ids;  // P in ascending id order
+  primary_ids.reserve(num_experts);
+  for (int64_t e = 0; e < num_experts; ++e) {
+    if (flags[e] & kInPrimary) {
+      primary_ids.push_back(static_cast<int32_t>(e));
+    }
+  }
+  return primary_ids;
+}
+
+// stats[0] = distinct_before, stats[1] = distinct_after (sere.reference.STAT_FIELDS order).
+inline void write_distinct_counts(const std::vector<uint8_t>& flags, int64_t* stats) {
+  int64_t distinct_before = 0;
+  int64_t distinct_after = 0;
+  for (const uint8_t f : flags) {
+    distinct_before += (f & kSeenBefore) != 0;
+    distinct_after += (f & kSeenAfter) != 0;
+  }
+  stats[0] = distinct_before;
+  stats[1] = distinct_after;
+}
+
+}  // namespace sere
