@@ -178,27 +178,11 @@ def table(records: list[dict]) -> str:
 
 
 def plot(records: list[dict], path: str, title: str) -> None:
-    import matplotlib
+    from plot_policies import plot_policies
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     panels = [("output_tokens_per_s", "output tokens/s"), ("tpot_ms_p50", "TPOT p50 (ms)"),
               ("ttft_ms_p50", "TTFT p50 (ms)")]
-    for ax, (key, label) in zip(axes, panels):
-        for policy in dict.fromkeys(r["policy"] for r in records):
-            rows = [r for r in records if r["policy"] == policy and r.get(key) is not None]
-            ax.plot([r["concurrency"] for r in rows], [r[key] for r in rows], marker="o", label=policy)
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("concurrent requests")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
+    plot_policies(records, "concurrency", "concurrent requests", panels, path, title)
 
 
 # ---------------------------------------------------------------------------------- main

@@ -9,11 +9,23 @@ drift. Per (policy, batch size):
   output_tokens_per_s  batch_size * N / t(N tokens)
   distinct_experts     mean distinct experts per MoE layer and decode step (the plugin's counters,
                        with max_decode_tokens = batch size so that prefill steps are not counted)
-Greedy decoding with ignore_eos, prefix caching off (each policy computes its own KV), a different
-prompt per sequence (snippets of the Python standard library).
+Each round rotates the policy order. Greedy decoding with ignore_eos, prefix caching off (each
+policy computes its own KV), a different prompt per sequence (snippets of the Python standard
+library).
 
     python benchmarks/bench_vllm.py --model models/tiny-moe --batch-sizes 1 4 16 \
         --policies topk sere oea --json out.json
+    python benchmarks/make_random_moe.py    # Qwen3-30B-A3B layer shapes, random weights
+    OMP_NUM_THREADS=1 python benchmarks/bench_vllm.py --model build/random-moe \
+        --batch-sizes 1 4 8 16 32 64 --policies topk sere oea sere-err --tolerance 0.6 --renormalize \
+        --max-tokens 16 --prompt-chars 32 --json out.json --png out.png
+
+NOTE: on a machine shared with other jobs use one OpenMP thread (`OMP_NUM_THREADS=1`): with two
+threads on two busy cores, every barrier waits for a descheduled thread (decode steps were up to
+10x slower, and erratically so).
+
+`sere` and `sere-err` read their sidecars from the model directory (`python -m sere.calibrate`,
+`python -m sere.substitution`).
 """
 
 from __future__ import annotations
@@ -27,6 +39,11 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+# NOTE: the engine core in this process, so that `LLM.generate` queues every request before the
+# first step. With an engine-core process, requests stream in while it already steps: the prefill
+# of the last prompts then runs as a small step of its own, which the distinct-expert counters take
+# for a decode step (it is <= max_decode_tokens), and decode steps start one sequence short.
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 def make_prompts(count: int, seed: int = 0, chars: int = 120) -> list[str]:
     """`count` different prompts: snippets of the Python standard library sources (offline,
@@ -54,6 +71,27 @@ def _timed_generate(llm, prompts, max_tokens: int) -> float:
     return time.perf_counter() - start
 
 
+def _model_shape(model: str) -> dict:
+    """The MoE shape fields of a local model's config.json (empty for a hub id)."""
+    path = Path(model) / "config.json"
+    if not path.is_file():
+        return {}
+    conf = json.loads(path.read_text())
+    keys = ("num_hidden_layers", "hidden_size", "num_experts", "num_local_experts", "num_experts_per_tok",
+            "moe_intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size")
+    return {key: conf[key] for key in keys if key in conf}
+
+
+def plot_title(conditions: dict) -> str:
+    shape = conditions.get("model_shape", {})
+    short = {"num_experts": "E", "num_local_experts": "E", "num_experts_per_tok": "K", "hidden_size": "d",
+             "moe_intermediate_size": "I", "num_hidden_layers": "layers"}
+    dims = " ".join(f"{short[k]}={v}" for k, v in shape.items() if k in short)
+    return (f"vLLM end to end, {conditions['model']} ({dims}), S={conditions['num_primary']}\n"
+            f"{conditions['cpus']} CPUs, OMP threads {conditions.get('omp_num_threads') or 'default'}, "
+            f"load average {conditions['load_average_start']:.1f} -> {conditions['load_average_end']:.1f}")
+
+
 def _decode_distinct(llm) -> tuple[float, float, float]:
     """(mean distinct experts before, after, re-routed slot fraction) over layers and steps."""
     before = after = steps = rerouted = tokens = 0
@@ -73,38 +111,60 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="a local model directory with its SERE sidecar")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16])
-    parser.add_argument("--policies", nargs="+", default=["topk", "sere", "oea"], choices=["topk", "sere", "oea"])
+    parser.add_argument("--policies", nargs="+", default=["topk", "sere", "oea"],
+                        choices=["topk", "sere", "oea", "sere-err"])
     parser.add_argument("--num-primary", type=int, default=2)
     parser.add_argument("--threshold", type=float, default=0.0)
+    parser.add_argument("--tolerance", type=float, default=1.0, help="sere-err: substitute below this error")
+    parser.add_argument("--renormalize", action="store_true", help="sere-err: renormalise the kept weights")
     parser.add_argument("--max-tokens", type=int, default=32, help="output tokens per sequence")
+    parser.add_argument("--prompt-chars", type=int, default=120, help="characters per prompt")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--png", default=None, help="plot distinct experts and TPOT per batch size")
     args = parser.parse_args(argv)
+    if args.max_tokens < 2:
+        parser.error(f"--max-tokens must be >= 2 (TPOT is a difference of two runs), got {args.max_tokens}")
 
     from vllm import LLM
 
-    sere = {"policy": "sere" if "sere" in args.policies else args.policies[0],
-            "num_primary": args.num_primary, "threshold": args.threshold}
-    llm = LLM(model=args.model, hf_overrides={"sere": sere}, enforce_eager=True, gpu_memory_utilization=0.3,
-              max_model_len=512, max_num_seqs=max(args.batch_sizes), enable_prefix_caching=False, seed=0)
+    # The engine starts on a sidecar policy (so its sidecar is checked up front); sere_configure
+    # switches policies, keeping the other fields.
+    first = next((p for p in ("sere", "sere-err") if p in args.policies), args.policies[0])
+    sere = {"policy": first, "num_primary": args.num_primary, "threshold": args.threshold,
+            "tolerance": args.tolerance, "renormalize": args.renormalize}
     conditions = {
         "machine": platform.processor() or platform.machine(),
         "cpus": os.cpu_count(),
         "load_average_start": os.getloadavg()[0],
+        "load_averages_1_5_15_start": os.getloadavg(),
         "model": args.model,
+        "model_shape": _model_shape(args.model),
         "max_tokens": args.max_tokens,
+        "prompt_chars": args.prompt_chars,
         "repeats": args.repeats,
         "num_primary": args.num_primary,
         "threshold": args.threshold,
+        "sere_config": sere,
+        "vllm_cpu_kvcache_space_gib": os.environ.get("VLLM_CPU_KVCACHE_SPACE"),
+        "vllm_enable_v1_multiprocessing": os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING"),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
     }
+    wall_start = time.perf_counter()
+    llm = LLM(model=args.model, hf_overrides={"sere": sere}, enforce_eager=True, gpu_memory_utilization=0.3,
+              max_model_len=512, max_num_seqs=max(args.batch_sizes), enable_prefix_caching=False, seed=0)
+    conditions["engine_start_s"] = time.perf_counter() - wall_start
     records = []
     try:
         for batch in args.batch_sizes:
-            prompts = make_prompts(batch)
+            prompts = make_prompts(batch, chars=args.prompt_chars)
             times = {policy: {"one": [], "full": []} for policy in args.policies}
             stats = {}
             for repeat in range(args.repeats + 1):  # round 0 warms up
-                for policy in args.policies:
+                # Each round starts one policy later, so that a periodic load on a shared machine
+                # does not always hit the same policy.
+                shift = repeat % len(args.policies)
+                for policy in args.policies[shift:] + args.policies[:shift]:
                     llm.collective_rpc("sere_configure", kwargs={"policy": policy, "max_decode_tokens": batch})
                     llm.collective_rpc("sere_reset_stats")
                     one = _timed_generate(llm, prompts, 1)
@@ -127,9 +187,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     "tpot_ms": (full - one) / (args.max_tokens - 1) * 1e3,
                     "output_tokens_per_s": batch * args.max_tokens / full,
                     "e2e_s": full,
+                    "e2e_s_repeats": times[policy]["full"],
+                    "first_token_s_repeats": times[policy]["one"],
                 })
                 r = records[-1]
-                print(f"B={batch:3d} {policy:5s} distinct {r['distinct_experts']:5.1f} tpot {r['tpot_ms']:7.2f} ms "
+                print(f"B={batch:3d} {policy:8s} distinct {r['distinct_experts']:5.1f} tpot {r['tpot_ms']:7.2f} ms "
                       f"{r['output_tokens_per_s']:8.1f} tok/s", flush=True)
     finally:
         llm.llm_engine.engine_core.shutdown()
@@ -143,9 +205,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(f"| {r['batch_size']} | {r['policy']} | {r['distinct_experts']:.1f} | {r['tpot_ms']:.2f} "
               f"| {r['output_tokens_per_s']:.1f} | x{ratio:.2f} |")
     conditions["load_average_end"] = os.getloadavg()[0]
+    conditions["load_averages_1_5_15_end"] = os.getloadavg()
+    conditions["wall_s"] = time.perf_counter() - wall_start
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"conditions": conditions, "records": records}, f, indent=2)
+    if args.png:
+        from plot_policies import plot_policies
+
+        panels = [("distinct_experts", "distinct experts per layer and step"), ("tpot_ms", "TPOT (ms)")]
+        plot_policies(records, "batch_size", "batch size (sequences decoded together)", panels, args.png,
+                      plot_title(conditions))
     return records
 
 
