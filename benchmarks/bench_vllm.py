@@ -93,7 +93,7 @@ def plot_title(conditions: dict) -> str:
 
 
 def _decode_distinct(llm) -> tuple[float, float, float]:
-    """(mean distinct experts before, after, re-routed slot fraction) over layers and steps."""
+    """(mean distinct experts before, after, re-routed slots per token) over layers and steps."""
     before = after = steps = rerouted = tokens = 0
     for worker in llm.collective_rpc("sere_stats"):
         for entry in worker["layers"]:
@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     "batch_size": batch,
                     "distinct_experts": after,
                     "distinct_experts_router": before,
-                    "rerouted_slot_fraction": rerouted,
+                    "rerouted_slots_per_token": rerouted,
                     "tpot_ms": (full - one) / (args.max_tokens - 1) * 1e3,
                     "output_tokens_per_s": batch * args.max_tokens / full,
                     "e2e_s": full,
