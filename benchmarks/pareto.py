@@ -54,16 +54,25 @@ def default_settings(quantile: float) -> list[dict]:
     out += [dict(label=f"sere-cos S={s} q={quantile}", policy="sere", num_primary=s, sidecar="cosine",
                  quantile=quantile) for s in (2, 4)]
 
-    def err(s, tol=0.6, **kw):
-        flags = "".join(f" {k}" if v is True else f" {k}={v}" for k, v in kw.items())
-        return dict(label=f"sere-err S={s} tol={tol}{flags}", policy="sere-err", num_primary=s,
-                    tolerance=tol, renormalize=True, **kw)
-
-    out += [err(s) for s in (1, 2, 4, 6)]
-    out += [err(s, refill=True) for s in (1, 2, 4)]
-    out += [err(1, keep_cost=0.0, max_distinct=d, refill=True) for d in (2, 4, 6, 8, 12, 16, 24, 32, 48)]
-    out += [err(2, keep_cost=0.0, max_distinct=d) for d in (16, 32)]
+    out += [_err(s) for s in (1, 2, 4, 6)]
+    out += [_err(s, refill=True) for s in (1, 2, 4)]
+    out += [budget_setting(1, d) for d in (2, 4, 6, 8, 12, 16, 24, 32, 48)]
+    out += [_err(2, keep_cost=0.0, max_distinct=d) for d in (16, 32)]
     return out
+
+
+def _err(s: int, tol: float = 0.6, **kw) -> dict:
+    """A renormalised sere-err setting."""
+    flags = "".join(f" {k}" if v is True else f" {k}={v}" for k, v in kw.items())
+    return dict(label=f"sere-err S={s} tol={tol}{flags}", policy="sere-err", num_primary=s,
+                tolerance=tol, renormalize=True, **kw)
+
+
+def budget_setting(num_primary: int, max_distinct: int) -> dict:
+    """sere-err with refill and a budget: P from each token's top-S, then the experts of largest
+    summed routing weight up to `max_distinct`, every other slot substituted, or dropped and
+    refilled from those experts by router score."""
+    return _err(num_primary, keep_cost=0.0, max_distinct=max_distinct, refill=True)
 
 
 @torch.no_grad()
@@ -134,6 +143,19 @@ def summarise(per: dict, settings: list[dict], bs: int, seq_len: int) -> list[di
     return records
 
 
+_SERIES = [  # (legend, colour, marker, which records)
+    ("topk", "k", "o", lambda r: r["policy"] == "topk"),
+    ("oea", "tab:blue", "^", lambda r: r["policy"] == "oea"),
+    ("sere (cosine)", "tab:orange", "s", lambda r: r["policy"] == "sere" and r["sidecar"] == "cosine"),
+    ("sere (frobenius)", "tab:orange", "s", lambda r: r["policy"] == "sere" and r["sidecar"] == "frobenius"),
+    ("sere-err", "tab:green", "D", lambda r: r["policy"] == "sere-err" and not r.get("refill")),
+    ("sere-err + refill", "tab:purple", "D",
+     lambda r: r["policy"] == "sere-err" and r.get("refill") and r.get("max_distinct") is None),
+    ("sere-err budget + refill", "tab:red", "v",
+     lambda r: r["policy"] == "sere-err" and r.get("refill") and r.get("max_distinct") is not None),
+]
+
+
 def plot(records: list[dict], path: str | Path, title: str) -> None:
     import matplotlib
 
@@ -142,33 +164,22 @@ def plot(records: list[dict], path: str | Path, title: str) -> None:
 
     sizes = sorted({r["batch_size"] for r in records})
     fig, axes = plt.subplots(1, len(sizes), figsize=(5 * len(sizes), 4.2), squeeze=False)
-    style = {"topk": ("k", "o"), "oea": ("tab:blue", "^"), "sere": ("tab:orange", "s"),
-             "sere-err": ("tab:green", "D")}
     for ax, bs in zip(axes[0], sizes):
         rows = [r for r in records if r["batch_size"] == bs]
-        for policy, (color, marker) in style.items():
-            pts = [r for r in rows if r["policy"] == policy]
-            if policy == "sere":
-                for metric, fill in (("cosine", color), ("frobenius", "none")):
-                    sub = [r for r in pts if r["sidecar"] == metric]
-                    ax.errorbar([r["distinct_experts"] for r in sub], [100 * r["perplexity_change"] for r in sub],
-                                yerr=[100 * r["perplexity_change_std"] for r in sub], fmt=marker, color=color,
-                                mfc=fill, label=f"sere ({metric})", capsize=2, ms=5)
+        for label, color, marker, pick in _SERIES:
+            pts = sorted((r for r in rows if pick(r)), key=lambda r: r["distinct_experts"])
+            if not pts:
                 continue
-            if policy == "oea":
-                pts = sorted(pts, key=lambda r: r["distinct_experts"])
+            line = "-" if label in ("oea", "sere-err budget + refill") else ""
             ax.errorbar([r["distinct_experts"] for r in pts], [100 * r["perplexity_change"] for r in pts],
-                        yerr=[100 * r["perplexity_change_std"] for r in pts], fmt=marker + ("-" if policy == "oea" else ""),
-                        color=color, label=policy, capsize=2, ms=5)
-        for r in rows:
-            if r["policy"] == "sere-err":
-                ax.annotate(r["label"].replace("sere-err ", ""), (r["distinct_experts"], 100 * r["perplexity_change"]),
-                            fontsize=5)
+                        yerr=[100 * r["perplexity_change_std"] / math.sqrt(r["num_batches"]) for r in pts],
+                        fmt=marker + line, color=color, mfc=color if "frob" not in label else "none",
+                        label=label, capsize=2, ms=5)
         ax.set_yscale("symlog", linthresh=1.0)
         ax.set_title(f"batch {bs}")
         ax.set_xlabel("distinct experts / layer / step")
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("perplexity change vs topk (%), paired, ±std over batches")
+    axes[0][0].set_ylabel("ppl change vs topk (%), ± s.e. over batches")
     axes[0][-1].legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
@@ -188,6 +199,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--num-batches", type=int, default=32)
     parser.add_argument("--quantile", type=float, default=0.5, help="paper sere's per-layer rho quantile")
     parser.add_argument("--only", nargs="+", help="labels to run (topk and oea always run)")
+    parser.add_argument("--budgets", nargs="+", metavar="S:D",
+                        help="instead of the default sweep: topk, oea and sere-err with refill, base S and a "
+                             "budget of D distinct experts for each S:D (e.g. 2:16 3:21)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", default=str(ROOT / "benchmarks/results/pareto.json"))
     parser.add_argument("--png", default=str(ROOT / "benchmarks/results/pareto.png"))
@@ -215,6 +229,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     thresholds = {(m, args.quantile): {layer: sidecars[m].threshold_for(layer, args.quantile) for layer in layer_ids}
                   for m in ("cosine", "frobenius")}
     settings = default_settings(args.quantile)
+    if args.budgets:
+        settings = [s for s in settings if s["policy"] in ("topk", "oea")] + [
+            budget_setting(*map(int, b.split(":"))) for b in args.budgets]
     if args.only:
         settings = [s for s in settings if s["policy"] in ("topk", "oea") or s["label"] in args.only]
     token_ids = tokenize(tokenizer, args.text, 400_000)
