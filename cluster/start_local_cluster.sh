@@ -19,6 +19,8 @@ export PATH=$(pwd)/.venv/bin:$PATH
 export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled} RAY_USAGE_STATS_ENABLED=0
 # 0 keeps the head (and drivers) on 127.0.0.1; with 1, Ray swaps 127.0.0.1 for the host's routable IP.
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
+# Serve kills an HTTP proxy that is not ready in 5 s (default); a loaded small CPU box needs longer.
+export RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S=${RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S:-60}
 
 PORT=${RAY_PORT:-6379}
 ADDRESS=127.0.0.1:$PORT

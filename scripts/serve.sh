@@ -24,6 +24,8 @@ PY=$REPO/.venv/bin/python
 export PATH=$REPO/.venv/bin:$PATH
 # Token auth would make later CLI calls fail; usage stats would phone home; all on loopback.
 export RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0 RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
+# Serve kills an HTTP proxy that is not ready in 5 s (default); a loaded small CPU box needs longer.
+export RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S=${RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S:-60}
 # Serve imports deploy.app:build_app in Ray workers: make the checkout importable even if the
 # editable install is missing.
 export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}

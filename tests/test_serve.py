@@ -30,6 +30,9 @@ for _name, _value in {
     "RAY_AUTH_MODE": "disabled",  # token auth breaks later CLI/API calls
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    # Serve kills a proxy not ready within 5 s (Ray 2.60's default); starting a process on a loaded
+    # 2-core machine can take longer, and `serve.start` then fails with ActorDiedError.
+    "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60",
 }.items():
     os.environ.setdefault(_name, _value)
 
