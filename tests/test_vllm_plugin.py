@@ -435,6 +435,30 @@ def test_sere_err_policy_dispatches_what_the_reference_predicts(sere_llm, model_
     assert entries and all(e["distinct_experts_after"] < e["distinct_experts_before"] for e in entries)
 
 
+@pytest.mark.slow
+def test_sere_err_budget_with_refill_dispatches_what_the_reference_predicts(sere_llm, model_dir, tmp_path):
+    """The aggressive operating point: S=1, a budget of distinct experts, dropped slots refilled
+    from the loaded experts by the router's own scores."""
+    knobs = dict(num_primary=1, tolerance=0.6, keep_cost=0.0, max_distinct=6, renormalize=True)
+    _, stats, records = _run_policy(sere_llm, tmp_path, policy="sere-err", refill=True, **knobs)
+    errors = load_sidecar(model_dir / ERROR_SIDECAR_NAME, num_experts=E)
+    decode = [rec for rec in records if rec["router_topk_ids"].shape[0] > 1][:16]
+    assert decode, "no multi-token step was recorded"
+    for rec in decode:
+        weights, ids = _sorted_by_weight(rec["router_topk_weights"], rec["router_topk_ids"])
+        expected_ids, expected_weights = sere_err_reference(
+            ids, weights, errors.matrix(rec["layer"]), knobs["num_primary"], knobs["tolerance"],
+            knobs["keep_cost"], knobs["max_distinct"], knobs["renormalize"],
+            router_scores=rec["router_logits"].float().softmax(-1),
+        )
+        assert torch.equal(rec["topk_ids"], expected_ids), f"layer {rec['layer']}"
+        torch.testing.assert_close(rec["topk_weights"].float(), expected_weights.float())
+        assert rec["topk_ids"][rec["topk_weights"] > 0].unique().numel() <= max(
+            knobs["max_distinct"], ids[:, 0].unique().numel())
+    entries = [e for e in stats["layers"] if e["policy"] == "sere-err"]
+    assert entries and all(e["distinct_experts_after"] < e["distinct_experts_before"] for e in entries)
+
+
 @pytest.fixture(scope="module")
 def narrow_sidecar(model_dir, tmp_path_factory) -> Path:
     """A copy of the model's sidecar that lacks its last layer, and one made for 32 experts."""
