@@ -1,4 +1,5 @@
-"""Shared pytest setup: the `gpu` marker (skipped where no CUDA device is visible)."""
+"""Shared pytest setup: the `gpu` marker (skipped where no CUDA device is visible), and the
+compiled CPU op, which the test command builds: its absence is a failure, never a skip."""
 
 import pytest
 import torch
@@ -17,14 +18,25 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+BUILD_COMMAND = "pip install --no-build-isolation --no-deps -e ."
+
+
+@pytest.fixture
+def compiled_op():
+    """Fail (not skip) when sere._C or its CPU kernels were not built."""
+    import sere.ops
+
+    assert sere.ops.HAS_COMPILED_OP, f"sere._C is not built ({sere.ops._IMPORT_ERROR}); run `{BUILD_COMMAND}`"
+    assert "cpu" in sere.ops._COMPILED_ERR_DEVICE_TYPES, f"sere._C predates sere::reroute_err; run `{BUILD_COMMAND}`"
+
+
 @pytest.fixture(params=["compiled", "python"])
 def reroute_path(request, monkeypatch):
     """`sere.ops.reroute_with_stats` through the compiled op, or forced onto the Python fallback."""
     import sere.ops
 
     if request.param == "compiled":
-        if not sere.ops.HAS_COMPILED_OP:
-            pytest.skip("sere._C is not built (pip install --no-build-isolation -e .)")
+        request.getfixturevalue("compiled_op")
     else:
         monkeypatch.setattr(sere.ops, "_COMPILED_DEVICE_TYPES", frozenset())
         monkeypatch.setattr(sere.ops, "_warned_fallback", True)  # the warning has its own test

@@ -6,7 +6,7 @@
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
+import transformers
 
 from sere.hf_moe import find_moe_blocks, routing_hook, run_expert, run_experts  # noqa: E402
 from sere.reference import oea_reference, reroute_reference  # noqa: E402

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-safetensors = pytest.importorskip("safetensors")
+import torch
+import transformers
+import safetensors
 
 from sere.similarity import ERROR_METRIC, ERROR_SIDECAR_NAME, SIDECAR_NAME, load_sidecar  # noqa: E402
 

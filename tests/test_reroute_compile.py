@@ -7,7 +7,7 @@ import sere.ops
 from sere.reference import reroute_reference
 
 pytestmark = [
-    pytest.mark.skipif(not sere.ops.HAS_COMPILED_OP, reason="sere._C is not built"),
+    pytest.mark.usefixtures("compiled_op"),
     # raised inside torch by opcheck's TorchScript checks, not by this project
     pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning"),
 ]

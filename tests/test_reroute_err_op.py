@@ -21,9 +21,7 @@ INF = math.inf
 SINGLE_BLOCK_MAX_SLOTS = 8192  # kSingleBlockMaxSlots in csrc/reroute_cuda.cuh
 CUDA_MAX_EXPERTS = 4096  # kCudaMaxExperts
 
-needs_op = pytest.mark.skipif(
-    "cpu" not in sere.ops._COMPILED_ERR_DEVICE_TYPES, reason="sere._C without sere::reroute_err (rebuild it)"
-)
+needs_op = pytest.mark.usefixtures("compiled_op")  # fails, never skips, without sere._C
 # raised inside torch by opcheck's TorchScript checks, not by this project
 ignore_jit_warning = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 
@@ -32,8 +30,7 @@ ignore_jit_warning = pytest.mark.filterwarnings("ignore:`torch.jit.script_method
 def err_path(request, monkeypatch):
     """`sere.ops.reroute_err*` through the compiled op, or forced onto the Python fallback."""
     if request.param == "compiled":
-        if "cpu" not in sere.ops._COMPILED_ERR_DEVICE_TYPES:
-            pytest.skip("sere._C without sere::reroute_err (pip install --no-build-isolation -e .)")
+        request.getfixturevalue("compiled_op")
     else:
         monkeypatch.setattr(sere.ops, "_COMPILED_ERR_DEVICE_TYPES", frozenset())
         monkeypatch.setattr(sere.ops, "_warned_err_fallback", True)  # the warning has its own test

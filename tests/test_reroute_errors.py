@@ -96,7 +96,7 @@ def test_bad_input_names_the_argument(reroute_path, args, error, pattern):
         _call(args)
 
 
-@pytest.mark.skipif(not sere.ops.HAS_COMPILED_OP, reason="sere._C is not built")
+@pytest.mark.usefixtures("compiled_op")
 @pytest.mark.parametrize("args", [c[1] for c in CASES], ids=[c[0] for c in CASES])
 def test_same_message_on_both_paths(monkeypatch, args):
     with pytest.raises((ValueError, TypeError)) as compiled:

@@ -15,7 +15,7 @@ import torch
 import sere.ops
 from sere.reference import reroute_reference, reroute_stats
 
-pytestmark = pytest.mark.skipif(not sere.ops.HAS_COMPILED_OP, reason="sere._C is not built")
+pytestmark = pytest.mark.usefixtures("compiled_op")
 
 TOKENS = (1, 2, 3, 7, 16, 33, 64, 128, 255, 512)
 TOP_KS = (2, 4, 6, 8)

@@ -4,7 +4,7 @@ experts, streaming, and the CLI."""
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
+import transformers
 
 from test_hf_moe import SAMPLE_TEXT, save_tiny_model, tiny_moe  # noqa: E402
 

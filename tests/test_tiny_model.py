@@ -8,13 +8,14 @@ from pathlib import Path
 
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+import torch
+import transformers
 
 MODEL_DIR = Path(__file__).resolve().parents[1] / "models" / "tiny-moe"
-pytestmark = pytest.mark.skipif(
-    not (MODEL_DIR / "model.safetensors").exists(), reason=f"no shipped model at {MODEL_DIR}"
-)
+
+@pytest.fixture(scope="module", autouse=True)
+def _shipped_model():
+    assert (MODEL_DIR / "model.safetensors").exists(), f"the shipped model is missing: {MODEL_DIR}"
 
 
 @pytest.fixture(scope="module")

