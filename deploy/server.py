@@ -17,23 +17,14 @@ import os
 from ray.llm._internal.serve.core.server.llm_server import LLMServer
 from ray.llm._internal.serve.serving_patterns.data_parallel.dp_server import DPServer
 
+from sere.metrics import COUNTER_HELP
+
 __all__ = ["SereDPServer", "SereLLMServer", "SereStatsExporter"]
 
 logger = logging.getLogger("ray.serve")
 
 ENV_INTERVAL = "SERE_RAY_METRICS_INTERVAL_S"
 _TAGS = ("model_id", "layer", "policy", "rank")
-# The plugin's snapshot fields, in sere.metrics.COUNTER_FIELDS order.
-_COUNTERS = {
-    "steps": "MoE-layer calls re-routed by SERE (decode steps)",
-    "skipped_steps": "MoE-layer calls left alone (more than max_decode_tokens tokens)",
-    "tokens": "tokens in re-routed MoE-layer calls",
-    "distinct_experts_before": "sum over steps of distinct experts chosen by the model's router",
-    "distinct_experts_after": "sum over steps of distinct experts executed after re-routing",
-    "primary_experts": "sum over steps of the primary-set size |P|",
-    "rerouted_slots": "(token, slot) pairs whose expert id was changed",
-    "critical_slots": "secondary slots kept on a non-primary (critical) expert",
-}
 
 
 class SereStatsExporter:
@@ -49,7 +40,7 @@ class SereStatsExporter:
         self.model_id = model_id
         self.counters = {
             name: Counter(f"sere_{name}", description=text, tag_keys=_TAGS)
-            for name, text in _COUNTERS.items()
+            for name, text in COUNTER_HELP.items()
         }
         self.gauge = Gauge(
             "sere_distinct_experts",

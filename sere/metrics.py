@@ -34,7 +34,7 @@ import torch
 
 from sere.reference import STAT_FIELDS
 
-__all__ = ["COUNTER_FIELDS", "LayerStats", "flush", "layer_stats", "maybe_flush", "reset", "snapshot"]
+__all__ = ["COUNTER_FIELDS", "COUNTER_HELP", "LayerStats", "flush", "layer_stats", "maybe_flush", "reset", "snapshot"]
 
 # Snapshot keys; the last five are STAT_FIELDS renamed as exported.
 COUNTER_FIELDS = (
@@ -49,6 +49,18 @@ COUNTER_FIELDS = (
 )
 _NUM_HOST = 3  # steps, skipped_steps, tokens: Python ints
 assert len(COUNTER_FIELDS) == _NUM_HOST + len(STAT_FIELDS)
+# Help text of each exported counter (the workers' sere_* and the Ray Serve ray_sere_* series).
+COUNTER_HELP = {
+    "steps": "MoE-layer calls re-routed by SERE (decode steps)",
+    "skipped_steps": "MoE-layer calls left alone (more than max_decode_tokens tokens)",
+    "tokens": "tokens in re-routed MoE-layer calls",
+    "distinct_experts_before": "sum over steps of distinct experts chosen by the model's router",
+    "distinct_experts_after": "sum over steps of distinct experts executed after re-routing",
+    "primary_experts": "sum over steps of the primary-set size |P|",
+    "rerouted_slots": "(token, slot) pairs whose expert id was changed",
+    "critical_slots": "secondary slots kept on a non-primary (critical) expert",
+}
+assert tuple(COUNTER_HELP) == COUNTER_FIELDS
 
 
 class LayerStats:
@@ -111,17 +123,7 @@ def _metrics() -> dict | None:
         _prom = {}
         return _prom
     labels = ["layer", "policy", "rank"]
-    helps = {
-        "steps": "MoE-layer calls re-routed by SERE (decode steps)",
-        "skipped_steps": "MoE-layer calls left alone (more than max_decode_tokens tokens)",
-        "tokens": "tokens in re-routed MoE-layer calls",
-        "distinct_experts_before": "sum over steps of distinct experts chosen by the model's router",
-        "distinct_experts_after": "sum over steps of distinct experts executed after re-routing",
-        "primary_experts": "sum over steps of the primary-set size |P|",
-        "rerouted_slots": "(token, slot) pairs whose expert id was changed",
-        "critical_slots": "secondary slots kept on a non-primary (critical) expert",
-    }
-    _prom = {name: Counter(f"sere_{name}", text, labels) for name, text in helps.items()}
+    _prom = {name: Counter(f"sere_{name}", text, labels) for name, text in COUNTER_HELP.items()}
     _prom["gauge"] = Gauge(
         "sere_distinct_experts",
         "mean distinct experts per step since the previous export",

@@ -26,6 +26,7 @@ from sere.reference import (
     _best_substitute,
     reroute_reference,
     refill_dropped,
+    renormalize_weights,
     reroute_stats,
     sere_err_reference,
 )
@@ -416,8 +417,7 @@ def _dispatch_err(
         new_ids, new_weights, drop, loaded, router_scores, topk_ids, topk_weights
     )
     if renormalize:
-        scale = topk_weights.float().sum(1, keepdim=True) / new_weights.float().sum(1, keepdim=True)
-        new_weights = (new_weights.float() * scale).to(topk_weights.dtype)
+        new_weights = renormalize_weights(new_weights, topk_weights)
     return new_ids, new_weights, stats
 
 

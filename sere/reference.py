@@ -32,6 +32,7 @@ __all__ = [
     "oea_reference",
     "sere_err_reference",
     "refill_dropped",
+    "renormalize_weights",
     "reroute_stats",
     "distinct_experts",
 ]
@@ -289,9 +290,14 @@ def sere_err_reference(
         new_ids, new_weights = refill_dropped(new_ids, new_weights, live, loaded_set, router_scores,
                                               topk_ids, topk_weights)
     if renormalize:
-        scale = topk_weights.float().sum(1, keepdim=True) / new_weights.float().sum(1, keepdim=True)
-        new_weights = (new_weights.float() * scale).to(topk_weights.dtype)
+        new_weights = renormalize_weights(new_weights, topk_weights)
     return new_ids, new_weights
+
+
+def renormalize_weights(new_weights: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+    """[T, K] new weights rescaled per token to the sum of its original [T, K] top-k weights."""
+    scale = topk_weights.float().sum(1, keepdim=True) / new_weights.float().sum(1, keepdim=True)
+    return (new_weights.float() * scale).to(topk_weights.dtype)
 
 
 def refill_dropped(
