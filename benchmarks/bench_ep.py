@@ -6,7 +6,7 @@
     when models/tiny-moe is absent). Rows and bytes come from the actual split sizes; time is the
     median over steps of the slowest rank, after the agreement collective (which syncs the ranks).
     `--launcher ray` runs the ranks as Ray actors on two simulated Ray nodes instead.
-(b) simulated: the trace-driven scale model (`sere.ep.scale_model`) for EP 8..256 at 8 ranks per
+(b) simulated: the trace-driven scale model (`benchmarks.harness.scale_model`) for EP 8..256 at 8 ranks per
     node: (token, rank) / (token, node) pairs, cross-node bytes (rows x hidden x dtype bytes, one
     direction; the combine sends the same again) and the max distinct experts on any rank. Traces:
     the tiny model (E = 64: EP sizes dividing 64 only, no replicated experts) and synthetic
@@ -28,9 +28,9 @@ import time
 import torch
 
 from sere.ep import RoutingPolicy, SwiGLUExperts, agree_placement, ep_moe_forward, make_placement
-from sere.ep.launch import RankFailure, free_port, run_group
-from sere.ep.scale_model import scale_sweep
-from sere.ep.traces import (
+from benchmarks.harness.launch import RankFailure, free_port, run_group
+from benchmarks.harness.scale_model import scale_sweep
+from benchmarks.harness.traces import (
     DEFAULT_MODEL, capture_routing, expert_weights, heldout_batch, load_model, split_step, synthetic_trace,
     trace_similarity,
 )
@@ -70,7 +70,7 @@ def _gloo_worker(rank, world, data_path, labels, warmup, repeats):
 
 def _ray_results(data, world, rpn, labels, warmup, repeats, port):
     from sere.ep.ray_runner import RayEPRunner
-    from sere.ep.sim_cluster import SimulatedCluster
+    from benchmarks.harness.sim_cluster import SimulatedCluster
 
     per_rank = [{label: [] for label in labels} for _ in range(world)]
     with SimulatedCluster(num_nodes=world // rpn, base_port=6390):

@@ -36,10 +36,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sere.calibrate import load_model, log, tokenize  # noqa: E402
-from sere.evaluate import _batch_metrics, make_batches  # noqa: E402
-from sere.hf_moe import find_moe_blocks, routing_hook  # noqa: E402
-from sere.similarity import load_sidecar  # noqa: E402
+from sere.hf.calibrate import load_model, log, tokenize  # noqa: E402
+from sere.hf.evaluate import _batch_metrics, make_batches  # noqa: E402
+from sere.hf.moe import find_moe_blocks, routing_hook  # noqa: E402
+from sere.sidecars import load_sidecar  # noqa: E402
 
 INF = float("inf")
 

@@ -28,10 +28,10 @@ from pathlib import Path
 
 import torch
 
-from sere.calibrate import capture_layer_inputs, load_model, log, tokenize
-from sere.hf_moe import find_moe_blocks
-from sere.similarity import load_sidecar
-from sere.substitution import substitution_error
+from sere.hf.calibrate import capture_layer_inputs, load_model, log, tokenize
+from sere.hf.moe import find_moe_blocks
+from sere.sidecars import load_sidecar
+from sere.hf.substitution import substitution_error
 
 
 def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:

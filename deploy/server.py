@@ -1,7 +1,7 @@
 """Serve replicas that own a vLLM engine and publish its SERE statistics on Ray's metrics port.
 
 The `sere` vLLM plugin counts re-routing per MoE layer inside each engine worker process
-(`sere.metrics`); those processes are children of the replica, which Ray's metrics agent does not
+(`sere.vllm.metrics`); those processes are children of the replica, which Ray's metrics agent does not
 scrape. The replica therefore polls the workers' `sere_stats` RPC (one small dict per worker) and
 re-exports the counters as Ray metrics, which Ray serves as Prometheus text next to vLLM's own
 `ray_vllm_*` series: `ray_sere_steps_total`, `ray_sere_distinct_experts_after_total`, ...
@@ -17,7 +17,7 @@ import os
 from ray.llm._internal.serve.core.server.llm_server import LLMServer
 from ray.llm._internal.serve.serving_patterns.data_parallel.dp_server import DPServer
 
-from sere.metrics import COUNTER_HELP
+from sere.vllm.metrics import COUNTER_HELP
 
 __all__ = ["SereDPServer", "SereLLMServer", "SereStatsExporter"]
 
@@ -30,7 +30,7 @@ _TAGS = ("model_id", "layer", "policy", "rank")
 class SereStatsExporter:
     """Turns successive `sere_stats` snapshots (cumulative per worker) into Ray metrics.
 
-    A snapshot is `sere.metrics.snapshot()`: {"rank", "layers": [{"layer_name", "layer",
+    A snapshot is `sere.vllm.metrics.snapshot()`: {"rank", "layers": [{"layer_name", "layer",
     "policy", <counter fields>}, ...]}.
     """
 

@@ -9,11 +9,11 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-__all__ = ["SereConfig", "PolicyName", "Scope"]
+from sere.policy import POLICIES
 
-PolicyName = Literal["topk", "sere", "oea", "sere-err"]
+__all__ = ["SereConfig", "Scope"]
+
 Scope = Literal["ep_group", "rank"]
-_POLICIES = ("topk", "sere", "oea", "sere-err")
 
 
 class SereConfig(BaseModel):
@@ -27,6 +27,9 @@ class SereConfig(BaseModel):
     `sere-err` (error-aware) reads a `substitution_error` sidecar and uses `tolerance`,
     `keep_cost`, `max_distinct`, `renormalize` and `refill` (see `sere.reference.sere_err_reference`).
     `scope` sets who shares the primary set: the whole expert-parallel group or each rank.
+    `locality_epsilon` (sere only, expert parallelism): among the primaries within this
+    similarity of the best, prefer one on a rank or node the token is already sent to.
+    The policy layer `sere.policy.route` applies it; docs/spec.md states every rule.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -43,12 +46,13 @@ class SereConfig(BaseModel):
     max_distinct: int | None = Field(default=None, ge=1)
     renormalize: bool = False
     refill: bool = False
+    locality_epsilon: float | None = Field(default=None, ge=0.0)
 
     @field_validator("policy")
     @classmethod
     def _known_policy(cls, value: str) -> str:
-        if value not in _POLICIES:
-            raise ValueError(f"policy={value!r} is unknown; choose one of {list(_POLICIES)}")
+        if value not in POLICIES:
+            raise ValueError(f"policy={value!r} is unknown; choose one of {list(POLICIES)}")
         return value
 
     @field_validator("scope")
@@ -86,6 +90,8 @@ class SereConfig(BaseModel):
                 f"set either threshold ({self.threshold}) or threshold_quantile "
                 f"({self.threshold_quantile}), not both"
             )
+        if self.locality_epsilon is not None and self.policy != "sere":
+            raise ValueError(f"locality_epsilon={self.locality_epsilon} applies to policy 'sere' only, not {self.policy!r}")
         return self
 
     def check_model(self, top_k: int, num_experts: int) -> None:

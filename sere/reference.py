@@ -26,7 +26,6 @@ from __future__ import annotations
 import torch
 
 __all__ = [
-    "POLICIES",
     "primary_mask",
     "reroute_reference",
     "oea_reference",
@@ -37,7 +36,6 @@ __all__ = [
     "distinct_experts",
 ]
 
-POLICIES = ("topk", "sere", "oea", "sere-err")
 
 # Index of each entry of the statistics vector returned by `reroute_stats` and the compiled op.
 STAT_FIELDS = (

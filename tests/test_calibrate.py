@@ -11,9 +11,9 @@ import transformers
 
 from test_hf_moe import FAMILIES, SAMPLE_TEXT, save_tiny_model, tiny_moe  # noqa: E402
 
-from sere.calibrate import calibrate, main, similarity_matrix  # noqa: E402
-from sere.hf_moe import find_moe_blocks, routing_hook, run_expert  # noqa: E402
-from sere.similarity import SIDECAR_NAME, load_sidecar  # noqa: E402
+from sere.hf.calibrate import calibrate, main, similarity_matrix  # noqa: E402
+from sere.hf.moe import find_moe_blocks, routing_hook, run_expert  # noqa: E402
+from sere.sidecars import SIDECAR_NAME, load_sidecar  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from sere.ep.launch import RankFailure, run_group
+from benchmarks.harness.launch import RankFailure, run_group
 from sere.reference import primary_mask, reroute_reference
 
 import deepspeed  # noqa: F401

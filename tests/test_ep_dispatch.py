@@ -21,7 +21,7 @@ from sere.ep import (
     moe_reference,
     random_expert_weights,
 )
-from sere.ep.launch import RankFailure, run_group
+from benchmarks.harness.launch import RankFailure, run_group
 
 E, H, I, K, S = 16, 24, 8, 4, 1
 LABELS = ("topk", "sere", "sere+locality", "oea")

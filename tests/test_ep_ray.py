@@ -17,9 +17,9 @@ E, H, I, K = 16, 32, 16, 4
 
 def test_two_nodes_equal_single_process():
     import ray
-    from sere.ep.launch import free_port
+    from benchmarks.harness.launch import free_port
     from sere.ep.ray_runner import RayEPRunner
-    from sere.ep.sim_cluster import SimulatedCluster
+    from benchmarks.harness.sim_cluster import SimulatedCluster
 
     gate_up, down = random_expert_weights(E, H, I, seed=2)
     gen = torch.Generator().manual_seed(4)

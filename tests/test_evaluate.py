@@ -9,10 +9,10 @@ import transformers
 
 from test_hf_moe import SAMPLE_TEXT, save_tiny_model, tiny_moe  # noqa: E402
 
-from sere.calibrate import main as calibrate_main  # noqa: E402
-from sere.evaluate import DEFAULT_OPERATING_POINT, Setting, decode_lockstep, evaluate, main, make_batches  # noqa: E402
-from sere.hf_moe import find_moe_blocks  # noqa: E402
-from sere.similarity import Sidecar, save_sidecar  # noqa: E402
+from sere.hf.calibrate import main as calibrate_main  # noqa: E402
+from sere.hf.evaluate import DEFAULT_OPERATING_POINT, Setting, decode_lockstep, evaluate, main, make_batches  # noqa: E402
+from sere.hf.moe import find_moe_blocks  # noqa: E402
+from sere.sidecars import Sidecar, save_sidecar  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -138,7 +138,7 @@ def test_default_operating_point_is_valid_for_a_top8_model():
 
 
 def test_cli_sere_err_with_an_error_sidecar(tmp_path):
-    from sere.substitution import main as substitution_main
+    from sere.hf.substitution import main as substitution_main
 
     model_dir = save_tiny_model(tmp_path / "m", "qwen3_moe")
     text = tmp_path / "heldout.txt"

@@ -8,7 +8,7 @@ import torch
 
 import transformers
 
-from sere.hf_moe import find_moe_blocks, routing_hook, run_expert, run_experts  # noqa: E402
+from sere.hf.moe import find_moe_blocks, routing_hook, run_expert, run_experts  # noqa: E402
 from sere.reference import oea_reference, reroute_reference  # noqa: E402
 
 FAMILIES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v2", "deepseek_v3")

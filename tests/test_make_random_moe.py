@@ -13,7 +13,7 @@ import torch
 import transformers
 import safetensors
 
-from sere.similarity import ERROR_METRIC, ERROR_SIDECAR_NAME, SIDECAR_NAME, load_sidecar  # noqa: E402
+from sere.sidecars import ERROR_METRIC, ERROR_SIDECAR_NAME, SIDECAR_NAME, load_sidecar  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_MOE = REPO / "models" / "tiny-moe"

@@ -8,10 +8,10 @@ import transformers
 
 from test_hf_moe import SAMPLE_TEXT, save_tiny_model, tiny_moe  # noqa: E402
 
-from sere.calibrate import capture_layer_inputs  # noqa: E402
-from sere.hf_moe import find_moe_blocks, run_expert  # noqa: E402
-from sere.similarity import ERROR_METRIC, load_sidecar  # noqa: E402
-from sere.substitution import ERROR_SIDECAR_NAME, main, substitution_error  # noqa: E402
+from sere.hf.calibrate import capture_layer_inputs  # noqa: E402
+from sere.hf.moe import find_moe_blocks, run_expert  # noqa: E402
+from sere.sidecars import ERROR_METRIC, load_sidecar  # noqa: E402
+from sere.hf.substitution import ERROR_SIDECAR_NAME, main, substitution_error  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -58,7 +58,7 @@ def test_hand_computed_case(monkeypatch):
     #   Y_1:      2      5
     # err[0, 1] = (1-2)^2 / 1^2 = 1
     # err[1, 0] = ((2-1)^2 + (5-3)^2) / (2^2 + 5^2) = 5 / 29
-    import sere.substitution as sub
+    import sere.hf.substitution as sub
 
     block = find_moe_blocks(tiny_moe(num_experts=2, top_k=2))[0]
     outputs = torch.tensor([[[1.0], [3.0]], [[2.0], [5.0]]])  # [E, N, d]

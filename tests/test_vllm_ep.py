@@ -1,4 +1,4 @@
-"""Expert parallelism with the SERE vLLM plugin (sere/vllm_ep.py) on the CPU backend.
+"""Expert parallelism with the SERE vLLM plugin (sere/vllm/ep.py) on the CPU backend.
 
 Fast: the gloo `all_gatherv` / `reduce_scatterv` added to vLLM's CpuCommunicator (two real
 processes), and the expert-map translation for the CPU expert kernel (`cpu_fused_moe`: the sum
@@ -95,7 +95,7 @@ class _FakeCommunicator:
 def _collectives_rank(rank: int, world_size: int, port: int, out_dir: str) -> None:
     import torch.distributed as dist
 
-    from sere import vllm_ep
+    from sere.vllm import ep as vllm_ep
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     comm = _FakeCommunicator(rank, world_size)
@@ -131,7 +131,7 @@ def test_cpu_experts_honour_the_expert_map():
     from vllm.model_executor.layers.fused_moe.activation import MoEActivation
     from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUUnquantizedExperts
 
-    from sere import vllm_ep
+    from sere.vllm import ep as vllm_ep
 
     vllm_ep.install()
     gen = torch.Generator().manual_seed(0)

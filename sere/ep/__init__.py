@@ -1,10 +1,15 @@
-"""Expert parallelism with SERE: placement, dispatch/combine, locality-aware targets, accounting."""
+"""Expert parallelism with SERE over torch.distributed: placement, dispatch/combine, accounting,
+a Ray runner and a DeepSpeed-MoE adapter.
+
+This is the dispatch layer for DeepSpeed-MoE and plain torch.distributed users, and the one the
+traffic study measures. Serving does not use it: inside vLLM, SERE rewrites the router's ids
+(`sere.vllm.routing`) and vLLM's own expert parallelism dispatches them.
+"""
 
 from sere.ep.accounting import Traffic, brute_force_traffic, traffic
 from sere.ep.collective import EPError, agree_or_raise, default_backend, group_primary_mask
 from sere.ep.dispatch import EPStepInfo, agree_placement, ep_moe_forward
 from sere.ep.experts import SwiGLUExperts, moe_reference, random_expert_weights
-from sere.ep.locality import locality_reroute
 from sere.ep.placement import (
     PLACEMENTS,
     ExpertPlacement,
@@ -14,27 +19,22 @@ from sere.ep.placement import (
     placement_from_rank_experts,
     round_robin_placement,
 )
-from sere.ep.policy import POLICY_LABELS, RoutingPolicy, apply_policy
 
 __all__ = [
     "EPError",
     "EPStepInfo",
     "ExpertPlacement",
     "PLACEMENTS",
-    "POLICY_LABELS",
     "PlacementError",
-    "RoutingPolicy",
     "SwiGLUExperts",
     "Traffic",
     "agree_or_raise",
     "agree_placement",
-    "apply_policy",
     "brute_force_traffic",
     "default_backend",
     "ep_moe_forward",
     "group_primary_mask",
     "linear_placement",
-    "locality_reroute",
     "make_placement",
     "moe_reference",
     "placement_from_rank_experts",

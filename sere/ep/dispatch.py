@@ -33,11 +33,12 @@ import torch.distributed as dist
 
 from sere.ep.collective import agree_or_raise, group_primary_mask
 from sere.ep.placement import ExpertPlacement, make_placement, placement_from_rank_experts
-from sere.ep.policy import RoutingPolicy, apply_policy
-from sere.reference import POLICIES, primary_mask
+from sere import policy as policies
+from sere.config import SereConfig
 
 __all__ = ["EPStepInfo", "ep_moe_forward", "agree_placement"]
 
+_TOPK = SereConfig(policy="topk")
 _DTYPE_CODE = {torch.float32: 1, torch.float16: 2, torch.bfloat16: 3, torch.float64: 4}
 
 
@@ -88,7 +89,7 @@ def agree_placement(
     return placement
 
 
-def _local_problem(x, topk_ids, topk_weights, experts, placement, policy, similarity, router_scores):
+def _local_problem(x, topk_ids, topk_weights, experts, placement, cfg, matrix, router_scores):
     """The first problem with this rank's inputs, as text, or None."""
     if x.dim() != 2 or topk_ids.dim() != 2 or topk_ids.shape[0] != x.shape[0]:
         return f"x {tuple(x.shape)} must be [T, H] and topk_ids {tuple(topk_ids.shape)} [T, K] with the same T"
@@ -100,17 +101,11 @@ def _local_problem(x, topk_ids, topk_weights, experts, placement, policy, simila
         return f"topk_ids outside [0, {placement.num_experts})"
     if getattr(experts, "num_local_experts", placement.num_local_experts) != placement.num_local_experts:
         return f"experts module holds {experts.num_local_experts} experts, placement gives {placement.num_local_experts}"
-    if policy.name not in POLICIES or policy.scope not in ("ep_group", "rank"):
-        return f"policy {policy.name!r} / scope {policy.scope!r} unknown"
-    if policy.name != "topk" and not 0 < policy.num_primary < topk_ids.shape[1]:
-        return f"num_primary={policy.num_primary} must be in [1, top_k={topk_ids.shape[1]})"
-    num_experts = placement.num_experts
-    if policy.name == "sere" and (similarity is None or similarity.shape != (num_experts, num_experts)):
-        return f"policy sere needs similarity [{num_experts}, {num_experts}]"
-    if policy.name == "oea" and (router_scores is None or router_scores.shape != (x.shape[0], num_experts)):
-        return f"policy oea needs router_scores [{x.shape[0]}, {num_experts}]"
-    if policy.locality_epsilon is not None and (policy.name != "sere" or policy.locality_epsilon < 0):
-        return f"locality_epsilon={policy.locality_epsilon} needs policy sere and a value >= 0"
+    try:
+        cfg.check_model(top_k=topk_ids.shape[1], num_experts=placement.num_experts)
+        policies.check_inputs(cfg, topk_ids, placement.num_experts, matrix, router_scores)
+    except ValueError as exc:
+        return str(exc)
     return None
 
 
@@ -126,8 +121,8 @@ def ep_moe_forward(
     topk_weights: torch.Tensor,
     experts,
     placement: ExpertPlacement,
-    policy: RoutingPolicy = RoutingPolicy(),
-    similarity: torch.Tensor | None = None,
+    cfg: SereConfig | None = None,
+    matrix: torch.Tensor | None = None,
     router_scores: torch.Tensor | None = None,
     group=None,
 ) -> tuple[torch.Tensor, EPStepInfo]:
@@ -139,32 +134,38 @@ def ep_moe_forward(
         experts: callable (rows [Q, H], local expert ids [Q] int64) -> [Q, H] for the experts of
             `placement.local_experts(rank)`, e.g. `SwiGLUExperts`.
         placement: the same on every rank (see `agree_placement`).
-        similarity: [E, E] for sere; router_scores: [T, E] for oea.
+        cfg: the SereConfig, the same on every rank (None: policy topk). Its `scope` says whose
+            primary set is used, `max_decode_tokens` bounds the group's tokens of a re-routed step.
+        matrix: [E, E] the layer's sidecar matrix (`sere.policy.matrix_kind(cfg)`);
+        router_scores: [T, E] where `sere.policy.needs_router_scores(cfg)`.
     Returns:
         ([T, H] output in x's dtype, EPStepInfo).
     """
     timer = {"start": time.perf_counter()}
+    cfg = cfg or _TOPK
     world, rank = dist.get_world_size(group), dist.get_rank(group)
-    error = _local_problem(x, topk_ids, topk_weights, experts, placement, policy, similarity, router_scores)
+    error = _local_problem(x, topk_ids, topk_weights, experts, placement, cfg, matrix, router_scores)
     if error is None and placement.world_size != world:
         error = f"placement is for {placement.world_size} ranks, the group has {world}"
     meta = {
         "hidden": x.shape[-1], "top_k": topk_ids.shape[-1], "num_experts": placement.num_experts,
         "x_dtype": _DTYPE_CODE.get(x.dtype, 0), "placement_checksum": placement.checksum(),
-        "policy": policy.fingerprint(),
+        "policy": policies.config_fingerprint(cfg),
     }
     tokens = agree_or_raise(meta, error, group, shared={"num_tokens": x.shape[0]})["num_tokens"]  # [W]
     timer["agree"] = time.perf_counter()
 
-    ids, weights = topk_ids, topk_weights
-    skip = policy.max_tokens is not None and sum(tokens) > policy.max_tokens  # the same on every rank
-    timer["primary"] = timer["agree"]
-    if policy.name != "topk" and not skip:
-        primary = primary_mask(topk_ids, placement.num_experts, policy.num_primary)  # [E]
-        if policy.scope == "ep_group":
+    step_tokens = sum(tokens)  # the same on every rank: all decide alike whether to re-route
+    primary = None
+    if cfg.policy != "topk" and 0 < step_tokens <= cfg.max_decode_tokens:
+        primary = policies.primary_set(cfg, topk_ids, topk_weights, placement.num_experts)  # [E]
+        if cfg.scope == "ep_group":
             primary = group_primary_mask(primary, group)  # the same P on every rank
-        timer["primary"] = time.perf_counter()
-        ids, weights = apply_policy(policy, topk_ids, topk_weights, placement, primary, similarity, router_scores)
+    timer["primary"] = time.perf_counter()
+    ids, weights, _, _ = policies.route(
+        cfg, topk_ids, topk_weights, num_experts=placement.num_experts, matrix=matrix,
+        router_scores=router_scores, primary=primary, placement=placement, step_tokens=step_tokens,
+    )
     timer["reroute"] = time.perf_counter()
 
     num_tokens, top_k = ids.shape

@@ -11,14 +11,14 @@ What `register()` installs (it runs in every vLLM process; exactly vLLM 0.32.0):
   field, `num_primary >= top_k` or a missing/mismatched sidecar raises before any worker starts.
 - `MoERunner.__init__` (every fused-MoE layer, at model load in each worker) wraps the layer's
   router `_compute_routing`: the model's own router (softmax, sigmoid, biased, grouped top-k,
-  custom) selects first, then the policy post-processes its ids (`sere.vllm_routing`), before vLLM's EPLB
+  custom) selects first, then the policy post-processes its ids (`sere.vllm.routing`), before vLLM's EPLB
   logical-to-physical map, the expert map and any dispatch. Each layer loads its sidecar matrix
   here, so a missing layer fails the model load naming the layer and the file.
 - worker RPCs for `llm.collective_rpc(...)`: `sere_configure(**fields)` (switch policy or
   parameters at run time, e.g. to compare policies in one engine), `sere_stats` (per-layer
-  counters, `sere.metrics`), `sere_reset_stats`, `sere_dump_records(path)` (with
+  counters, `sere.vllm.metrics`), `sere_reset_stats`, `sere_dump_records(path)` (with
   `SERE_RECORD=1`: every call's router output and the ids actually dispatched).
-- expert-parallel fixes for the CPU backend (`sere.vllm_ep`).
+- expert-parallel fixes for the CPU backend (`sere.vllm.ep`).
 
 Decode only: calls with more than `max_decode_tokens` tokens keep the router's ids.
 """
@@ -32,10 +32,10 @@ from pathlib import Path
 
 import torch
 
-from sere import metrics
+from sere.vllm import metrics
 from sere.config import SereConfig
-from sere.similarity import ERROR_METRIC, ERROR_SIDECAR_NAME, SIDECAR_NAME, Sidecar, load_sidecar
-from sere.vllm_routing import (  # noqa: F401  (router_scores, ENV_RECORD: part of this module's API)
+from sere.sidecars import ERROR_METRIC, ERROR_SIDECAR_NAME, SIDECAR_NAME, Sidecar, load_sidecar
+from sere.vllm.routing import (  # noqa: F401  (router_scores, ENV_RECORD: part of this module's API)
     ENV_RECORD,
     SIDECAR_POLICIES,
     RoutingHook,
@@ -89,7 +89,7 @@ def register() -> None:
     from vllm.model_executor.layers.fused_moe.runner.moe_runner import MoERunner
     from vllm.v1.worker.worker_base import WorkerWrapperBase
 
-    from sere import vllm_ep
+    from sere.vllm import ep as vllm_ep
 
     create_engine_config = EngineArgs.create_engine_config
 
@@ -246,7 +246,7 @@ def _attach(runner) -> RoutingHook | None:
     from vllm.model_executor.layers.fused_moe.router.routing_simulator_router import RoutingSimulatorRouter
     from vllm.model_executor.layers.fused_moe.router.zero_expert_router import ZeroExpertRouter
 
-    from sere import vllm_ep
+    from sere.vllm import ep as vllm_ep
 
     vllm_config = get_current_vllm_config()
     found = config_from_vllm(vllm_config)

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from sere.similarity import SIDECAR_NAME, SidecarError, load_sidecar, save_sidecar
+from sere.sidecars import SIDECAR_NAME, SidecarError, load_sidecar, save_sidecar
 
 
 def _sim(num_experts, seed=0):

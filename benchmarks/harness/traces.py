@@ -133,7 +133,7 @@ def trace_similarity(num_experts: int, layers: list[int], model_dir: str | Path 
     """({layer: [E, E]}, source): the model's sidecar when present, else a random symmetric
     similarity built from random expert embeddings ((cos + 1) / 2, diagonal 1).
     """
-    from sere.similarity import SidecarError, load_sidecar
+    from sere.sidecars import SidecarError, load_sidecar
 
     if model_dir is not None:
         try:

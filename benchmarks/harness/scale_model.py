@@ -18,7 +18,7 @@ import torch
 from sere.ep.accounting import traffic
 from sere.ep.placement import ExpertPlacement, make_placement
 from sere.ep.policy import RoutingPolicy, apply_policy
-from sere.ep.traces import RoutingTrace
+from benchmarks.harness.traces import RoutingTrace
 from sere.reference import primary_mask
 
 __all__ = ["StepSample", "simulate_step", "sample_steps", "scale_sweep"]

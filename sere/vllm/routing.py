@@ -1,9 +1,9 @@
 """One MoE layer's routing inside vLLM: the hook that post-processes what its router chose.
 
-`RoutingHook` wraps a layer's `router._compute_routing` (installed by `sere.vllm_plugin`): the
+`RoutingHook` wraps a layer's `router._compute_routing` (installed by `sere.vllm.plugin`): the
 model's own router selects, then the layer's policy (topk, sere, oea, sere-err) re-routes the
 ids, with the primary set OR-ed over the expert-parallel group when one is given, counted in
-`sere.metrics`, and optionally recorded (`SERE_RECORD=1`) for tests and benchmarks.
+`sere.vllm.metrics`, and optionally recorded (`SERE_RECORD=1`) for tests and benchmarks.
 
 Shape legend: T tokens of the call, E routed experts, K top-k, S num_primary.
 """
@@ -15,7 +15,8 @@ import threading
 
 import torch
 
-from sere import metrics, ops
+from sere import ops
+from sere.vllm import metrics
 from sere.config import SereConfig
 from sere.reference import distinct_experts, oea_reference, reroute_stats
 

@@ -1,0 +1,333 @@
+"""Quality of re-routing under lock-step batch decoding (SERE_SPEC section 6).
+
+    python -m sere.evaluate --model DIR --text PATH --batch-size 1 8 32 --policy sere oea \
+        [--num-primary S ...] [--threshold R ... | --threshold-quantile Q ...] [--similarity FILE] \
+        [--seq-len L] [--num-batches N | --num-sequences M] --json OUT [--png OUT]
+    python -m sere.evaluate ... --policy sere-err [--error FILE] [--tolerance T ...] [--keep-cost C]
+        [--max-distinct M] [--renormalize]
+
+B held-out sequences of L+1 tokens are decoded together, teacher-forced, one token per sequence
+per step with a KV cache, so every MoE layer re-routes across the B tokens of each step (the
+batch-decode situation SERE targets). `topk` (re-routing off) always runs first on the same
+sequences; each policy setting is compared against it: perplexity, next-token agreement (argmax
+equal to topk's), KL(topk || policy) per token, and distinct experts per layer per step.
+
+Shape legend: B batch size, L decoded steps per sequence, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from sere.hf.calibrate import load_model, log, tokenize
+from sere.hf.moe import find_moe_blocks, routing_hook
+from sere.sidecars import SIDECAR_NAME, load_sidecar
+from sere.hf.substitution import ERROR_SIDECAR_NAME
+
+__all__ = ["DEFAULT_OPERATING_POINT", "Setting", "make_batches", "decode_lockstep", "evaluate", "main"]
+
+# Chosen on models/tiny-moe (64 experts, top-8; benchmarks/results/evaluate_tiny_moe*.json):
+# S = K/2 = 4 costs <= +1.1% perplexity at batch >= 8 with 61-95% of topk's distinct experts,
+# S = 2 costs +3.6..8.5% at batch 8-32; a threshold (rho as the 0.9 similarity quantile) kept
+# more experts without beating plain S at equal distinct experts, so rho = 0.
+DEFAULT_OPERATING_POINT = {"num_primary": 4, "threshold": 0.0}
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One policy configuration; `threshold` is per layer when given as a quantile."""
+
+    policy: str
+    num_primary: int | None = None
+    threshold: float = 0.0
+    threshold_quantile: float | None = None
+    tolerance: float = 1.0  # sere-err only, from here on
+    keep_cost: float = math.inf
+    max_distinct: int | None = None
+    renormalize: bool = False
+    refill: bool = False
+
+    def label(self) -> str:
+        if self.policy == "topk":
+            return "topk"
+        if self.policy == "sere-err":
+            extra = "" if self.keep_cost == math.inf else f" keep={self.keep_cost}"
+            extra += "" if self.max_distinct is None else f" max={self.max_distinct}"
+            extra += " renorm" if self.renormalize else ""
+            extra += " refill" if self.refill else ""
+            return f"sere-err S={self.num_primary} tol={self.tolerance}{extra}"
+        if self.policy == "oea":
+            return f"oea S={self.num_primary}"
+        rho = f"q={self.threshold_quantile}" if self.threshold_quantile is not None else f"rho={self.threshold}"
+        return f"sere S={self.num_primary} {rho}"
+
+
+def make_batches(token_ids: torch.Tensor, batch_size: int, seq_len: int, num_batches: int) -> list[torch.Tensor]:
+    """Up to `num_batches` [B, L+1] int64 batches of non-overlapping windows of `token_ids` [N].
+
+    Raises SystemExit when not even one batch fits.
+    """
+    if seq_len < 1:
+        raise SystemExit(f"--seq-len must be >= 1 (one decode step), got {seq_len}")
+    num_windows = token_ids.numel() // (seq_len + 1)
+    if num_windows < batch_size:
+        raise SystemExit(
+            f"the text has {token_ids.numel()} tokens: too short for {batch_size} sequences of "
+            f"{seq_len + 1} tokens (one batch); use more text or a smaller --seq-len"
+        )
+    windows = token_ids[: num_windows * (seq_len + 1)].view(num_windows, seq_len + 1)
+    count = min(num_batches, num_windows // batch_size)
+    return [windows[i * batch_size : (i + 1) * batch_size] for i in range(count)]
+
+
+@torch.no_grad()
+def decode_lockstep(model: nn.Module, batch: torch.Tensor, setting: Setting, similarity=None, error=None):
+    """Teacher-forced lock-step decoding of `batch` [B, L+1] under `setting`.
+
+    Returns:
+        (log-probs [B, L, V] float32 of the next token at each step, mean distinct experts per
+        layer per step, fraction of slots re-routed).
+    """
+    from transformers import DynamicCache
+
+    num_steps = batch.shape[1] - 1
+    threshold = setting.threshold
+    if setting.threshold_quantile is not None:
+        threshold = {layer: similarity.threshold_for(layer, setting.threshold_quantile)
+                     for layer in similarity.matrices}
+    out_steps = []
+    with routing_hook(
+        model, setting.policy, num_primary=setting.num_primary, threshold=threshold,
+        similarity=similarity.matrices if similarity is not None else None,
+        error=error.matrices if error is not None else None, tolerance=setting.tolerance,
+        keep_cost=setting.keep_cost, max_distinct=setting.max_distinct, renormalize=setting.renormalize,
+        refill=setting.refill,
+    ) as record:
+        cache = DynamicCache(config=model.config)
+        for t in range(num_steps):
+            out = model(input_ids=batch[:, t : t + 1], past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            out_steps.append(out.logits[:, -1].float().log_softmax(-1))  # [B, V]
+    slots = sum(c[0] for calls in record.calls.values() for c in calls) * find_moe_blocks(model)[0].top_k
+    return torch.stack(out_steps, dim=1), record.mean_distinct(), record.rerouted_slots() / max(1, slots)
+
+
+def _batch_metrics(logp: torch.Tensor, ref: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+    """logp, ref [B, L, V] float32 log-probs; targets [B, L] int64."""
+    nll = -logp.gather(-1, targets[..., None]).squeeze(-1)  # [B, L]
+    kl = (ref.exp() * (ref - logp)).sum(-1)  # [B, L] KL(topk || policy)
+    agree = (logp.argmax(-1) == ref.argmax(-1)).float()
+    return {"nll": float(nll.mean()), "kl": float(kl.mean()), "agreement": float(agree.mean())}
+
+
+def evaluate(
+    model: nn.Module,
+    token_ids: torch.Tensor,
+    batch_sizes: list[int],
+    settings: list[Setting],
+    *,
+    seq_len: int = 64,
+    num_batches: int | None = 1,
+    num_sequences: int | None = None,
+    similarity=None,
+    error=None,
+) -> list[dict]:
+    """One record per (setting, batch size), topk first. See module docstring."""
+    records = []
+    all_settings = [Setting("topk")] + [s for s in settings if s.policy != "topk"]
+    for bs in batch_sizes:
+        count = num_batches if num_sequences is None else max(1, num_sequences // bs)
+        batches = make_batches(token_ids, bs, seq_len, count)
+        per = {s: {"nll": [], "kl": [], "agreement": [], "distinct": [], "rerouted": []} for s in all_settings}
+        for k, batch in enumerate(batches):
+            targets = batch[:, 1:]
+            ref = None
+            for s in all_settings:
+                logp, distinct, rerouted = decode_lockstep(model, batch, s, similarity, error)
+                ref = logp if ref is None else ref
+                for key, value in _batch_metrics(logp, ref, targets).items():
+                    per[s][key].append(value)
+                per[s]["distinct"].append(distinct)
+                per[s]["rerouted"].append(rerouted)
+            log(f"[evaluate] batch size {bs}: batch {k + 1}/{len(batches)} done")
+        base = per[all_settings[0]]
+        base_ppl = math.exp(statistics.fmean(base["nll"]))
+        base_distinct = statistics.fmean(base["distinct"])
+        for s in all_settings:
+            m = per[s]
+            ppl = math.exp(statistics.fmean(m["nll"]))
+            distinct = statistics.fmean(m["distinct"])
+            batch_ppl = [math.exp(v) for v in m["nll"]]
+            records.append({
+                "policy": s.policy, "label": s.label(), "batch_size": bs,
+                "num_primary": s.num_primary, "threshold": s.threshold,
+                "threshold_quantile": s.threshold_quantile, "tolerance": s.tolerance,
+                "keep_cost": s.keep_cost if s.keep_cost != math.inf else None,
+                "max_distinct": s.max_distinct, "renormalize": s.renormalize, "refill": s.refill,
+                "num_tokens": len(batches) * bs * seq_len, "num_batches": len(batches), "seq_len": seq_len,
+                "perplexity": ppl, "perplexity_change": ppl / base_ppl - 1.0,
+                "agreement": statistics.fmean(m["agreement"]), "kl": statistics.fmean(m["kl"]),
+                "distinct_experts": distinct, "distinct_experts_topk": base_distinct,
+                "distinct_fraction": distinct / base_distinct,
+                "rerouted_fraction": statistics.fmean(m["rerouted"]),
+                "spread": {
+                    "perplexity_std": statistics.pstdev(batch_ppl),
+                    # paired with topk on the same batch: the noise of `perplexity_change`
+                    "perplexity_change_std": statistics.pstdev(
+                        [math.exp(v - b) - 1.0 for v, b in zip(m["nll"], base["nll"])]),
+                    "per_batch": {"perplexity": batch_ppl, "agreement": m["agreement"], "kl": m["kl"],
+                                  "distinct_experts": m["distinct"]},
+                },
+            })
+    return records
+
+
+def plot(records: list[dict], path: str | Path, title: str = "") -> None:
+    """Perplexity change (%) against distinct experts per layer per step, one panel per batch size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = sorted({r["batch_size"] for r in records})
+    cols = min(3, len(sizes))
+    rows = -(-len(sizes) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.6 * rows), squeeze=False)
+    axes = axes.ravel()
+    for ax in axes[len(sizes):]:
+        ax.set_visible(False)
+    markers = {"topk": "o", "sere": "s", "oea": "^", "sere-err": "D"}
+    for ax, bs in zip(axes, sizes):
+        for r in (r for r in records if r["batch_size"] == bs):
+            ax.scatter(r["distinct_experts"], 100 * r["perplexity_change"], marker=markers[r["policy"]],
+                       label=r["label"])
+            ax.annotate(r["label"], (r["distinct_experts"], 100 * r["perplexity_change"]), fontsize=6)
+        ax.set_title(f"batch {bs}")
+        ax.set_xlabel("distinct experts / layer / step")
+        ax.set_ylabel("perplexity change vs topk (%)")
+        ax.grid(alpha=0.3)
+    axes[len(sizes) - 1].legend(fontsize=6)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _settings(args, top_k: int) -> list[Setting]:
+    settings = []
+    for policy in dict.fromkeys(args.policy):
+        if policy == "topk":
+            continue
+        for s in args.num_primary:
+            if not 0 < s < top_k:
+                raise SystemExit(f"--num-primary {s} must be in [1, top_k={top_k})")
+            if policy == "oea":
+                settings.append(Setting("oea", s))
+            elif policy == "sere-err":
+                settings += [Setting("sere-err", s, tolerance=t, keep_cost=args.keep_cost,
+                                     max_distinct=args.max_distinct, renormalize=args.renormalize,
+                                     refill=args.refill)
+                             for t in args.tolerance]
+            elif args.threshold_quantile:
+                settings += [Setting("sere", s, 0.0, q) for q in args.threshold_quantile]
+            else:
+                settings += [Setting("sere", s, r) for r in args.threshold]
+    return settings
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(prog="python -m sere.evaluate", description=__doc__.split("\n")[0])
+    parser.add_argument("--model", required=True, help="Hugging Face model directory")
+    parser.add_argument("--text", required=True, help="held-out text: a file or a folder")
+    parser.add_argument("--batch-size", type=int, nargs="+", required=True)
+    parser.add_argument("--policy", nargs="+", choices=("topk", "sere", "oea", "sere-err"), default=["sere"])
+    parser.add_argument("--num-primary", type=int, nargs="+", default=[DEFAULT_OPERATING_POINT["num_primary"]])
+    parser.add_argument("--threshold", type=float, nargs="+", default=[DEFAULT_OPERATING_POINT["threshold"]])
+    parser.add_argument("--threshold-quantile", type=float, nargs="+",
+                        help="per-layer rho = this quantile of off-diagonal similarity (replaces --threshold)")
+    parser.add_argument("--similarity", help=f"sidecar file (default: MODEL/{SIDECAR_NAME})")
+    parser.add_argument("--error", help=f"sere-err substitution error sidecar (default: MODEL/{ERROR_SIDECAR_NAME})")
+    parser.add_argument("--tolerance", type=float, nargs="+", default=[1.0],
+                        help="sere-err: largest substitution error at which a substitute is used, in (0, 1]")
+    parser.add_argument("--keep-cost", type=float, default=math.inf,
+                        help="sere-err: weighted error above which a slot keeps its expert (default: never)")
+    parser.add_argument("--max-distinct", type=int, help="sere-err: budget of distinct experts per call")
+    parser.add_argument("--renormalize", action="store_true",
+                        help="sere-err: rescale a token's remaining weights after a drop")
+    parser.add_argument("--refill", action="store_true",
+                        help="sere-err: refill dropped slots with loaded experts by router score (OEA's fill)")
+    parser.add_argument("--seq-len", type=int, default=64, help="decode steps per sequence")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--num-batches", type=int, help="batches per batch size (default 1)")
+    group.add_argument("--num-sequences", type=int, help="sequences per batch size (same text for every B)")
+    parser.add_argument("--max-text-tokens", type=int, default=1_000_000)
+    parser.add_argument("--json", required=True, help="output JSON file")
+    parser.add_argument("--png", help="output figure")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if min(args.batch_size) < 1:
+        parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
+    for value in args.threshold + (args.threshold_quantile or []):
+        if not 0.0 <= value <= 1.0:
+            parser.error(f"thresholds and quantiles must be in [0, 1], got {value}")
+    for value in args.tolerance:
+        if not 0.0 < value <= 1.0:
+            parser.error(f"--tolerance must be in (0, 1], got {value}")
+    if args.keep_cost < 0 or (args.max_distinct is not None and args.max_distinct < 1):
+        parser.error(f"--keep-cost must be >= 0 and --max-distinct >= 1, got {args.keep_cost}, {args.max_distinct}")
+
+    model, tokenizer = load_model(args.model)
+    try:
+        blocks = find_moe_blocks(model)
+    except ValueError as exc:
+        raise SystemExit(f"{args.model}: {exc}") from exc
+    settings = _settings(args, blocks[0].top_k)
+    similarity = None
+    if any(s.policy == "sere" for s in settings):
+        path = args.similarity or Path(args.model) / SIDECAR_NAME
+        try:
+            similarity = load_sidecar(path, num_experts=blocks[0].num_experts,
+                                      layer_ids=[b.layer_idx for b in blocks], num_layers=len(blocks))
+        except ValueError as exc:
+            raise SystemExit(str(exc)) from exc
+    error = None
+    if any(s.policy == "sere-err" for s in settings):
+        path = args.error or Path(args.model) / ERROR_SIDECAR_NAME
+        try:
+            error = load_sidecar(path, num_experts=blocks[0].num_experts,
+                                 layer_ids=[b.layer_idx for b in blocks], num_layers=len(blocks))
+        except ValueError as exc:
+            raise SystemExit(str(exc)) from exc
+    token_ids = tokenize(tokenizer, args.text, args.max_text_tokens)
+    num_batches = args.num_batches if args.num_batches is not None else 1
+    records = evaluate(model, token_ids, args.batch_size, settings, seq_len=args.seq_len,
+                       num_batches=num_batches, num_sequences=args.num_sequences, similarity=similarity,
+                       error=error)
+    meta = {"model": str(args.model), "text": str(args.text),
+            "similarity": str(similarity.path) if similarity else None,
+            "metric": similarity.metric if similarity else None,
+            "error": str(error.path) if error else None,
+            "num_experts": blocks[0].num_experts, "top_k": blocks[0].top_k, "moe_layers": len(blocks)}
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps({"meta": meta, "records": records}, indent=1))
+    if args.png:
+        plot(records, args.png, f"{Path(args.model).name}: {meta['metric'] or ''} E={meta['num_experts']} K={meta['top_k']}")
+    for r in records:
+        log(f"[evaluate] B={r['batch_size']:>3} {r['label']:<22} distinct {r['distinct_experts']:6.2f} "
+            f"({100 * r['distinct_fraction']:5.1f}%) ppl {r['perplexity']:8.3f} ({100 * r['perplexity_change']:+6.2f}%) "
+            f"agree {r['agreement']:.3f} kl {r['kl']:.4f}")
+    return records
+
+
+if __name__ == "__main__":
+    main()
