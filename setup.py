@@ -17,6 +17,7 @@ CPU_SOURCES = [
     "csrc/reroute_checks.cpp",
     "csrc/reroute_cpu.cpp",
     "csrc/reroute_err_cpu.cpp",
+    "csrc/oea_cpu.cpp",
 ]
 CUDA_SOURCES = ["csrc/reroute_cuda.cu", "csrc/reroute_err_cuda.cu", "csrc/reroute_cuda_glue.cpp"]
 # Portable: no -march=native (wheels and CI may run on another CPU). No fused multiply-add

@@ -22,12 +22,17 @@ import json
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
-from sere.ep import RoutingPolicy, SwiGLUExperts, agree_placement, ep_moe_forward, make_placement
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `benchmarks.harness` when run as a script
+
+from sere.config import SereConfig
+from sere.ep import SwiGLUExperts, agree_placement, ep_moe_forward, make_placement
 from benchmarks.harness.launch import RankFailure, free_port, run_group
 from benchmarks.harness.scale_model import scale_sweep
 from benchmarks.harness.traces import (
@@ -37,6 +42,20 @@ from benchmarks.harness.traces import (
 
 LABELS = ("topk", "oea", "sere", "sere+locality")
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def config_for(label: str, num_primary: int, threshold: float, epsilon: float) -> SereConfig:
+    """The SereConfig of a benchmark label ("sere+locality" is sere with `epsilon`); every step is
+    re-routed (the benchmark's steps are decode steps of up to thousands of group tokens)."""
+    policy = "sere" if label == "sere+locality" else label
+    fields = {"policy": policy, "max_decode_tokens": 1 << 20}
+    if policy != "topk":
+        fields["num_primary"] = num_primary
+    if policy == "sere":
+        fields["threshold"] = threshold
+    if label == "sere+locality":
+        fields["locality_epsilon"] = epsilon
+    return SereConfig(**fields)
 
 
 def epsilon_for(similarity: dict[int, torch.Tensor], scale: float) -> float:
@@ -56,7 +75,7 @@ def _gloo_worker(rank, world, data_path, labels, warmup, repeats):
         layer, sim = step["layer"], data["similarity"][step["layer"]]
         args = [step[name][rank] for name in ("x", "topk_ids", "topk_weights")]
         for label in labels:  # interleaved, so that background load hits every policy alike
-            policy = RoutingPolicy.from_label(label, data["num_primary"], data["threshold"], data["epsilon"])
+            policy = config_for(label, data["num_primary"], data["threshold"], data["epsilon"])
             times = []
             for i in range(warmup + repeats):
                 _, info = ep_moe_forward(*args, experts[layer], placement, policy, sim, step["router_probs"][rank])
@@ -79,7 +98,7 @@ def _ray_results(data, world, rpn, labels, warmup, repeats, port):
             print(f"ray ranks on nodes {runner.node_ips}")
             for step in data["steps"]:
                 for label in labels:
-                    policy = RoutingPolicy.from_label(label, data["num_primary"], data["threshold"], data["epsilon"])
+                    policy = config_for(label, data["num_primary"], data["threshold"], data["epsilon"])
                     res = runner.step(step["x"], step["topk_ids"], step["topk_weights"], policy,
                                       data["similarity"][step["layer"]], step["router_probs"],
                                       repeats=warmup + repeats, layer=step["layer"])
@@ -283,7 +302,7 @@ def main():
                 for name in ("topk_ids", "topk_weights", "router_probs")}
         trace.topk_ids, trace.topk_weights, trace.router_probs, trace.hidden = (
             tail["topk_ids"], tail["topk_weights"], tail["router_probs"], None)
-        policies = [RoutingPolicy.from_label(l, args.num_primary, args.threshold, epsilon) for l in labels]
+        policies = {l: config_for(l, args.num_primary, args.threshold, epsilon) for l in labels}
         real_eps = [ep for ep in args.ep_sizes if trace.num_experts % ep == 0]
         scale = scale_sweep(trace, similarity, real_eps, args.batches, policies, args.ranks_per_node,
                             num_steps=args.steps, batch_scope=args.batch_scope)
@@ -292,7 +311,7 @@ def main():
                                 hidden_size=args.synthetic_hidden)
         synth_sim, _ = trace_similarity(synth.num_experts, synth.layers)
         synth_eps = epsilon_for(synth_sim, args.epsilon_std)
-        synth_policies = [RoutingPolicy.from_label(l, args.num_primary, args.threshold, synth_eps) for l in labels]
+        synth_policies = {l: config_for(l, args.num_primary, args.threshold, synth_eps) for l in labels}
         scale += scale_sweep(synth, synth_sim, [ep for ep in args.ep_sizes if synth.num_experts % ep == 0],
                              args.batches, synth_policies, args.ranks_per_node, num_steps=args.steps,
                              batch_scope=args.batch_scope)

@@ -1,88 +1,180 @@
 #!/usr/bin/env bash
-# GPU check of the SERE re-routing op, in one go (target: under 5 minutes on one H200).
-#   1. versions   2. nvcc compile of the kernels alone   3. build sere._C with its CUDA kernels
-#   4. pytest -m gpu (the op's file, then all of tests/), the CPU re-routing tests
-#   5. bench_reroute.py --device cuda (op vs reference, CUDA-graph replay, one MoE layer)
-#   6. bench_moe_layer.py --device cuda (grouped-GEMM MoE layer under a CUDA graph, topk vs sere,
-#      next to the roofline; about 10 GB of expert weights)
-# Run from the repository root; no network needed. Logs, JUnit XML, JSON and PNG go to $OUT
-# (default ./device_check_out). Later steps still run when a test step fails; the exit status
-# is non-zero if any step failed.
+# The GPU check of sere, as one command on the rented GPU machine: one H200, torch 2.11 (CUDA 13),
+# Python 3.12 as `python3` (no `python`), no pydantic/vLLM/Ray/DeepSpeed, no network; the repo's
+# tracked files are copied there and only a few files come back from $OUT
+# (/work/shared/ENVIRONMENT.md, section CUDA). Steps, in this order, each with its own time limit:
+#   env              versions, GPU, compilers                            (device_probe.py env)
+#   build            sere._C against that machine's torch, CUDA kernels included (setup.py build_ext)
+#   imports          sere, sere.ops, sere.reference, sere.policy import without the absent packages,
+#                    and sere._C has cuda kernels                         (device_probe.py imports)
+#   gpu_tests        pytest -m gpu over every test file that has `gpu` tests (first: they matter most)
+#   bench_reroute    the op vs the reference, CUDA-graph replay, one MoE layer's expert loop
+#   bench_moe_layer  the grouped-GEMM MoE layer under a CUDA graph, topk vs sere, roofline
+#   report           device_report.py merges everything into results.json and summary.txt
+# The limits (LIMIT below) add up to 420 s, under the 600 s one command may run, so that a failed
+# call leaves device time for a rerun. A failing step does not stop the later ones; the exit
+# status is 1 if any step failed or ran out of time.
+# Writes exactly four files to $OUT (default ./device_check_out): device_check.log (all output),
+# junit.xml (the GPU tests), results.json (environment, steps, test counts, both benchmarks'
+# figures) and summary.txt. Intermediate files go to a temporary folder.
+#
+#   On the GPU machine:  bash benchmarks/device_check.sh        (run tool: timeout_s 540)
+#   CPU dry run:         bash benchmarks/device_check.sh --dry-run     (or DRY_RUN=1)
+# The dry run emulates that machine, then runs this same script there: a copy of what the run tool
+# sends (tracked and untracked-not-ignored files, at most 64 MiB) in build/device-dry/repo, a venv
+# with only the machine's packages (device_env.sh), `python` failing as it does there, no network
+# (unshare -n). Every step that needs no GPU runs: build (CPU kernels), imports, the GPU test files
+# collected (each test skipped "needs a CUDA GPU"), bench_reroute's CPU path with tiny sizes;
+# bench_moe_layer only imports its CUDA path and prints the command it would run.
 set -euo pipefail
 
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
-out="${OUT:-$PWD/device_check_out}"
-mkdir -p "${out}"
-export python="${PYTHON:-python}"
-export PYTHONPATH="${PWD}${PYTHONPATH:+:${PYTHONPATH}}"
-export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
-failed=()
-summary="${out}/summary.txt"
-: > "${summary}"
+declare -A LIMIT=([env]=20 [build]=150 [imports]=15 [gpu_tests]=130 [bench_reroute]=55 [bench_moe_layer]=40 [report]=10
+  [gpu_test_files]=0)
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+mode=gpu
+if [[ "${1:-}" == "--dry-run" || "${DRY_RUN:-0}" == "1" ]]; then
+  mode=dry-run
+elif [[ $# -gt 0 ]]; then
+  echo "usage: $0 [--dry-run]" >&2
+  exit 2
+fi
 
-# step NAME TIMEOUT_S COMMAND...: run, log to $out/NAME.log, record time and status.
+# copy_sent_files DEST: what the run tool sends (tracked + untracked-not-ignored files that exist).
+copy_sent_files() {
+  local dest="$1" list="$1.files" size
+  (cd "${repo}" && git ls-files -z --cached --others --exclude-standard |
+    while IFS= read -r -d '' file; do [[ -f "${file}" || -L "${file}" ]] && printf '%s\0' "${file}"; done) > "${list}"
+  tar -C "${repo}" --null -T "${list}" -cf - | tar -C "${dest}" -xf -
+  size=$(du -sb "${dest}" | cut -f1)
+  if (( size > 64 * 1024 * 1024 )); then
+    echo "dry run: the run tool would send $((size >> 20)) MiB, over its 64 MiB limit" >&2
+    exit 2
+  fi
+  echo "dry run: copied $(tr -cd '\0' < "${list}" | wc -c) files, $((size >> 10)) KiB, to ${dest}"
+}
+
+# emulate_device: prepare the emulated GPU machine (see the header), then run this script in it.
+emulate_device() {
+  local dry="${repo}/build/device-dry" py out
+  py="$(bash "${repo}/benchmarks/device_env.sh" | tail -n 1)"
+  rm -rf "${dry}/repo" "${dry}/bin"
+  mkdir -p "${dry}/repo" "${dry}/bin"
+  copy_sent_files "${dry}/repo"
+  printf '#!/bin/sh\nexec "%s" "$@"\n' "${py}" > "${dry}/bin/python3"
+  printf '#!/bin/sh\necho "python: not on the GPU machine, call python3" >&2\nexit 127\n' > "${dry}/bin/python"
+  chmod +x "${dry}/bin/python3" "${dry}/bin/python"
+  out="$(realpath -m "${OUT:-${dry}/out}")"
+  [[ -n "${OUT:-}" ]] || rm -rf "${out}"
+  mkdir -p "${out}"
+  if [[ -n "$(ls -A "${out}")" ]]; then
+    echo "dry run: OUT=${out} is not empty (the run tool empties \$OUT before each command)" >&2
+    exit 2
+  fi
+  if ! unshare -n true 2>/dev/null; then
+    echo "dry run: unshare -n (no network, as on the GPU machine) is not permitted here; run as root" >&2
+    exit 2
+  fi
+  exec unshare -n -- env -u PYTHONPATH -u VIRTUAL_ENV PATH="${dry}/bin:$(dirname "${py}"):${PATH}" \
+    PYTHONNOUSERSITE=1 DEVICE_CHECK_EMULATED=1 DEVICE_CHECK_BUILD_TEMP="${dry}/build-temp" OUT="${out}" \
+    bash "${dry}/repo/benchmarks/device_check.sh" --dry-run
+}
+
+if [[ "${mode}" == dry-run && "${DEVICE_CHECK_EMULATED:-0}" != 1 ]]; then
+  emulate_device
+fi
+
+cd "${repo}"
+out="$(realpath -m "${OUT:-${repo}/device_check_out}")"
+mkdir -p "${out}"
+log="${out}/device_check.log"
+: > "${log}"
+work="$(mktemp -d)"
+trap 'rm -rf "${work}"' EXIT
+: > "${work}/steps.tsv"
+PY="${PYTHON:-python3}"
+export PYTHONPATH="${repo}${PYTHONPATH:+:${PYTHONPATH}}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
+
+say() { echo "$*" | tee -a "${log}"; }
+
+# record NAME STATUS RC SECONDS NOTE: one line of steps.tsv (read by device_report.py).
+record() {
+  printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" "${LIMIT[$1]}" "$5" >> "${work}/steps.tsv"
+  say "=== $1: $2 (rc ${3}, ${4}s of ${LIMIT[$1]}s)${5:+: $5}"
+}
+
+# step NAME COMMAND...: run under LIMIT[NAME] (SIGINT first: pytest still writes its XML), log it.
 step() {
-  local name="$1" limit="$2"
-  shift 2
-  local start=${SECONDS} rc
-  echo "=== ${name} ($(date +%T), limit ${limit}s)"
+  local name="$1" start=${SECONDS} rc status
+  shift
+  say "=== ${name} ($(date -u +%T) UTC, limit ${LIMIT[${name}]}s): $*"
   set +e
-  timeout "${limit}" "$@" 2>&1 | tee "${out}/${name}.log"
+  timeout -k 10 -s INT "${LIMIT[${name}]}" "$@" 2>&1 | tee -a "${log}"
   rc=${PIPESTATUS[0]}
   set -e
-  local line="${name}: rc=${rc} $((SECONDS - start))s"
-  echo "=== ${line}" | tee -a "${summary}"
-  if [[ ${rc} -ne 0 ]]; then
-    failed+=("${name}")
-  fi
-  return 0
+  case ${rc} in 0) status=ok ;; 124 | 137) status=timeout ;; *) status=failed ;; esac
+  record "${name}" "${status}" "${rc}" $((SECONDS - start)) "${NOTE:-}"
 }
 
-versions() {
-  "${python}" - <<'EOF'
-import platform, torch
-print("python", platform.python_version(), "| torch", torch.__version__, "| torch CUDA", torch.version.cuda)
-print("cuda available", torch.cuda.is_available(), "|", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "-")
-EOF
-  command -v nvcc && nvcc --version | tail -n 2
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || true
-  c++ --version | head -n 1
+# gpu_test_files: the test files with `gpu` tests. One that imports a package absent there would
+# fail at collection: it is left out and listed in $work/excluded (an error, see below).
+gpu_test_files() {
+  local file
+  for file in tests/test_*.py; do
+    grep -q 'mark\.gpu' "${file}" || continue
+    if grep -Eq '^[[:space:]]*(import|from)[[:space:]]+(pydantic|vllm|ray|deepspeed)\b' "${file}"; then
+      echo "${file}" >> "${work}/excluded"
+    else
+      echo "${file}"
+    fi
+  done
 }
 
-built_with_cuda() {
-  "${python}" - <<'EOF'
-import sere.ops
-print("HAS_COMPILED_OP", sere.ops.HAS_COMPILED_OP, "| kernels for", sorted(sere.ops._COMPILED_DEVICE_TYPES))
-assert "cuda" in sere.ops._COMPILED_DEVICE_TYPES, "sere._C was built without CUDA kernels"
-EOF
-}
+# pytest.main with Python's SIGINT handler restored: a job started in the background may inherit
+# SIGINT ignored, and then the step's time limit would kill pytest before it writes junit.xml.
+PYTEST='import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); import pytest; sys.exit(pytest.main(sys.argv[1:]))'
+MOE_LAYER_ARGS=(--batch-sizes 1 4 16 64 --repeats 20 --layers 8)
 
-export -f versions built_with_cuda  # so that `timeout bash -c NAME` can run them
-step versions 60 bash -c versions
-step nvcc_compile 120 csrc/check_cuda_compile.sh
-# --force: a sere/_C*.so copied from a CPU-only checkout looks newer than the sources
-step build 240 "${python}" setup.py build_ext --inplace --force
-step import 60 bash -c built_with_cuda
-if [[ " ${failed[*]} " == *" build "* || " ${failed[*]} " == *" import "* ]]; then
-  echo "no sere._C with CUDA kernels: see ${out}/build.log and ${out}/import.log" | tee -a "${summary}"
+say "sere device check, mode ${mode}, in ${repo}, ${MAX_JOBS} build jobs, output to ${out}"
+step env "${PY}" benchmarks/device_probe.py env --json "${work}/env.json"
+build=(setup.py build_ext --inplace --force)  # --force: ninja still rebuilds only what changed
+[[ -z "${DEVICE_CHECK_BUILD_TEMP:-}" ]] || build+=(--build-temp "${DEVICE_CHECK_BUILD_TEMP}")
+step build "${PY}" "${build[@]}"
+step imports "${PY}" benchmarks/device_probe.py imports --expect "$([[ ${mode} == gpu ]] && echo cuda || echo cpu)"
+mapfile -t gpu_files < <(gpu_test_files)
+if [[ ${#gpu_files[@]} -eq 0 ]]; then  # pytest without files would run all of tests/
+  record gpu_tests failed 1 0 "no test file with gpu tests found under tests/"
+else
+  step gpu_tests "${PY}" -c "${PYTEST}" -m gpu "${gpu_files[@]}" -v -rs --durations=15 -p no:cacheprovider \
+    --continue-on-collection-errors --junitxml="${out}/junit.xml"
+fi
+if [[ -s "${work}/excluded" ]]; then
+  record gpu_test_files failed 1 0 "gpu tests in files that import pydantic/vllm/ray/deepspeed, not run: $(tr '\n' ' ' < "${work}/excluded")"
+fi
+if [[ "${mode}" == gpu ]]; then
+  step bench_reroute "${PY}" benchmarks/bench_reroute.py --device cuda --tokens 1 8 64 512 \
+    --shapes 128x8x2 64x6x2 --repeats 30 --warmup 5 --moe-repeats 20 --json "${work}/bench_reroute.json"
+  step bench_moe_layer "${PY}" benchmarks/bench_moe_layer.py --device cuda "${MOE_LAYER_ARGS[@]}" \
+    --json "${work}/bench_moe_layer.json"
+else
+  step bench_reroute "${PY}" benchmarks/bench_reroute.py --device cpu --tokens 1 8 --shapes 16x4x2 \
+    --repeats 3 --warmup 1 --moe-repeats 1 --json "${work}/bench_reroute.json"
+  NOTE="dry run: imports only; on the GPU: bench_moe_layer.py --device cuda ${MOE_LAYER_ARGS[*]}" \
+    step bench_moe_layer "${PY}" -c 'import sys; sys.path.insert(0, "benchmarks"); import bench_moe_layer, moe_layer_cuda'
+fi
+
+say "=== report"
+set +e
+timeout -k 5 "${LIMIT[report]}" "${PY}" benchmarks/device_report.py --work "${work}" --junit "${out}/junit.xml" \
+  --mode "${mode}" --out "${out}" 2>&1 | tee -a "${log}"
+rc=${PIPESTATUS[0]}
+set -e
+if [[ ${rc} -ne 0 ]]; then
+  { echo "device_report.py failed (rc ${rc}); see device_check.log. Steps:"; cat "${work}/steps.tsv"; } > "${out}/summary.txt"
+fi
+failed=$(awk -F'\t' '$2 != "ok" { printf "%s ", $1 }' "${work}/steps.tsv")
+if [[ -n "${failed}" || ${rc} -ne 0 ]]; then
+  say "FAILED: ${failed:-report}"
   exit 1
 fi
-step pytest_reroute_gpu 150 "${python}" -m pytest -m gpu tests/test_reroute_gpu.py -q -rs \
-  --junitxml="${out}/pytest_reroute_gpu.xml"
-step pytest_gpu_all 150 "${python}" -m pytest -m gpu tests/ -q -rs --junitxml="${out}/pytest_gpu_all.xml"
-step pytest_reroute_cpu 150 "${python}" -m pytest tests/test_reroute_golden.py tests/test_reroute_sweep.py \
-  tests/test_reroute_errors.py tests/test_reroute_compile.py -q --junitxml="${out}/pytest_reroute_cpu.xml"
-step bench_cuda 200 "${python}" benchmarks/bench_reroute.py --device cuda \
-  --tokens 1 2 4 8 16 32 64 128 256 512 --shapes 128x8x2 64x6x2 \
-  --json "${out}/bench_cuda.json" --png "${out}/bench_cuda.png"
-step bench_moe_layer_cuda 90 "${python}" benchmarks/bench_moe_layer.py --device cuda \
-  --batch-sizes 1 2 4 8 16 32 64 --repeats 30 --layers 8 \
-  --json "${out}/bench_moe_layer_cuda.json" --png "${out}/bench_moe_layer_cuda.png"
-
-echo "--- summary (${out})"
-cat "${summary}"
-if [[ ${#failed[@]} -gt 0 ]]; then
-  echo "FAILED steps: ${failed[*]}"
-  exit 1
-fi
-echo "all steps passed"
+say "all steps passed (mode ${mode})"

@@ -37,22 +37,31 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from sere.hf.calibrate import load_model, log, tokenize  # noqa: E402
-from sere.hf.evaluate import _batch_metrics, make_batches  # noqa: E402
+from sere.config import SereConfig  # noqa: E402
+from sere.hf.evaluate import _batch_metrics, hook_tables, make_batches  # noqa: E402
 from sere.hf.moe import find_moe_blocks, routing_hook  # noqa: E402
+from sere.policy import matrix_kind  # noqa: E402
+from sere.progress import Progress  # noqa: E402
 from sere.sidecars import load_sidecar  # noqa: E402
 
 INF = float("inf")
 
 
+def _setting(label: str, sidecar: str | None = None, **fields) -> dict:
+    """One point of the sweep: its label, the sidecar it reads (cosine / frobenius / error) and its
+    SereConfig (every evaluated step is decode-sized)."""
+    return dict(label=label, sidecar=sidecar, cfg=SereConfig(max_decode_tokens=1 << 20, **fields))
+
+
 def default_settings(quantile: float) -> list[dict]:
-    """The sweep: one dict per setting (label, policy, routing_hook kwargs, sidecar name)."""
-    out = [dict(label="topk", policy="topk")]
-    out += [dict(label=f"oea S={s}", policy="oea", num_primary=s) for s in range(1, 8)]
+    """The sweep: one dict per setting (label, sidecar, cfg)."""
+    out = [_setting("topk", policy="topk")]
+    out += [_setting(f"oea S={s}", policy="oea", num_primary=s) for s in range(1, 8)]
     for metric, sizes in (("cosine", (2, 4)), ("frobenius", (2,))):
         for s in sizes:
-            out.append(dict(label=f"sere-{metric[:3]} S={s} rho=0", policy="sere", num_primary=s, sidecar=metric))
-    out += [dict(label=f"sere-cos S={s} q={quantile}", policy="sere", num_primary=s, sidecar="cosine",
-                 quantile=quantile) for s in (2, 4)]
+            out.append(_setting(f"sere-{metric[:3]} S={s} rho=0", metric, policy="sere", num_primary=s))
+    out += [_setting(f"sere-cos S={s} q={quantile}", "cosine", policy="sere", num_primary=s,
+                     threshold_quantile=quantile) for s in (2, 4)]
 
     out += [_err(s) for s in (1, 2, 4, 6)]
     out += [_err(s, refill=True) for s in (1, 2, 4)]
@@ -64,8 +73,8 @@ def default_settings(quantile: float) -> list[dict]:
 def _err(s: int, tol: float = 0.6, **kw) -> dict:
     """A renormalised sere-err setting."""
     flags = "".join(f" {k}" if v is True else f" {k}={v}" for k, v in kw.items())
-    return dict(label=f"sere-err S={s} tol={tol}{flags}", policy="sere-err", num_primary=s,
-                tolerance=tol, renormalize=True, **kw)
+    return _setting(f"sere-err S={s} tol={tol}{flags}", "error", policy="sere-err", num_primary=s,
+                    tolerance=tol, renormalize=True, **kw)
 
 
 def budget_setting(num_primary: int, max_distinct: int) -> dict:
@@ -76,26 +85,16 @@ def budget_setting(num_primary: int, max_distinct: int) -> dict:
 
 
 @torch.no_grad()
-def decode(model, batch: torch.Tensor, setting: dict, sidecars: dict, thresholds: dict):
+def decode(model, batch: torch.Tensor, setting: dict, sidecars: dict):
     """Teacher-forced lock-step decode of batch [B, L+1]: (log-probs [B, L, V], mean distinct).
 
     One forward over the [B, L] inputs with every position's B tokens re-routed as one decode
     step (`routing_hook(lockstep_batch=B)`): with causal attention this is what L lock-step
-    decode steps with a KV cache compute (tests/test_pareto.py checks it), L times faster.
+    decode steps with a KV cache compute (tests/test_hf_moe.py checks it), L times faster.
     """
-    kwargs = {}
-    if setting["policy"] != "topk":
-        kwargs["num_primary"] = setting["num_primary"]
-    if setting["policy"] == "sere":
-        kwargs["similarity"] = sidecars[setting["sidecar"]].matrices
-        if "quantile" in setting:
-            kwargs["threshold"] = thresholds[(setting["sidecar"], setting["quantile"])]
-    if setting["policy"] == "sere-err":
-        kwargs["error"] = sidecars["error"].matrices
-        for key in ("tolerance", "keep_cost", "max_distinct", "renormalize", "refill"):
-            if key in setting:
-                kwargs[key] = setting[key]
-    with routing_hook(model, setting["policy"], lockstep_batch=batch.shape[0], **kwargs) as record:
+    cfg = setting["cfg"]
+    tables = hook_tables(cfg, {matrix_kind(cfg): sidecars[setting["sidecar"]]}) if setting["sidecar"] else {}
+    with routing_hook(model, cfg, lockstep_batch=batch.shape[0], **tables) as record:
         logits = model(input_ids=batch[:, :-1]).logits  # [B, L, V]
     return logits.float().log_softmax(-1), record.mean_distinct()
 
@@ -115,7 +114,7 @@ def summarise(per: dict, settings: list[dict], bs: int, seq_len: int) -> list[di
     """Records for one batch size from per[label] = {'nll': [...], 'distinct': [...], ...}."""
     base = per["topk"]
     num_batches = len(base["nll"])
-    oea = [s["label"] for s in settings if s["policy"] == "oea"] + ["topk"]
+    oea = [s["label"] for s in settings if s["cfg"].policy == "oea"] + ["topk"]
     records = []
     for s in settings:
         m = per[s["label"]]
@@ -127,7 +126,7 @@ def summarise(per: dict, settings: list[dict], bs: int, seq_len: int) -> list[di
             gap.append(change[k] - _interp(m["distinct"][k], xs, ys))
         distinct = statistics.fmean(m["distinct"])
         records.append({
-            **{k: v for k, v in s.items() if k != "label"}, "label": s["label"], "batch_size": bs,
+            **s["cfg"].model_dump(), "sidecar": s["sidecar"], "label": s["label"], "batch_size": bs,
             "num_batches": num_batches, "seq_len": seq_len, "num_tokens": num_batches * bs * seq_len,
             "distinct_experts": distinct, "distinct_std": statistics.pstdev(m["distinct"]),
             "distinct_fraction": distinct / statistics.fmean(base["distinct"]),
@@ -226,30 +225,31 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "frobenius": load(args.frobenius or model_dir / "sere_similarity.frobenius.safetensors"),
         "error": load(args.error or model_dir / "sere_similarity.substitution_error.safetensors"),
     }
-    thresholds = {(m, args.quantile): {layer: sidecars[m].threshold_for(layer, args.quantile) for layer in layer_ids}
-                  for m in ("cosine", "frobenius")}
     settings = default_settings(args.quantile)
     if args.budgets:
-        settings = [s for s in settings if s["policy"] in ("topk", "oea")] + [
+        settings = [s for s in settings if s["cfg"].policy in ("topk", "oea")] + [
             budget_setting(*map(int, b.split(":"))) for b in args.budgets]
     if args.only:
-        settings = [s for s in settings if s["policy"] in ("topk", "oea") or s["label"] in args.only]
+        settings = [s for s in settings if s["cfg"].policy in ("topk", "oea") or s["label"] in args.only]
     token_ids = tokenize(tokenizer, args.text, 400_000)
     started = time.perf_counter()
     records = []
-    for bs in args.batch_sizes:
-        batches = make_batches(token_ids, bs, args.seq_len, args.num_batches)
-        per = {s["label"]: {"nll": [], "kl": [], "agreement": [], "distinct": []} for s in settings}
-        for k, batch in enumerate(batches):
-            ref = None
-            for s in settings:
-                logp, distinct = decode(model, batch, s, sidecars, thresholds)
-                ref = logp if ref is None else ref
-                for key, value in _batch_metrics(logp, ref, batch[:, 1:]).items():
-                    per[s["label"]][key].append(value)
-                per[s["label"]]["distinct"].append(distinct)
-            log(f"[pareto] B={bs} batch {k + 1}/{len(batches)} ({time.perf_counter() - started:.0f}s)")
-        records += summarise(per, settings, bs, args.seq_len)
+    # every batch size's batches first: the progress total, and a too-short text fails before any work
+    planned = [(bs, make_batches(token_ids, bs, args.seq_len, args.num_batches)) for bs in args.batch_sizes]
+    total_tokens = sum(len(batches) * bs * args.seq_len for bs, batches in planned) * len(settings)
+    with Progress(total_tokens, "[pareto] lock-step decode", unit="token") as bar:
+        for bs, batches in planned:
+            per = {s["label"]: {"nll": [], "kl": [], "agreement": [], "distinct": []} for s in settings}
+            for batch in batches:
+                ref = None
+                for s in settings:
+                    logp, distinct = decode(model, batch, s, sidecars)
+                    bar.update(bs * args.seq_len)
+                    ref = logp if ref is None else ref
+                    for key, value in _batch_metrics(logp, ref, batch[:, 1:]).items():
+                        per[s["label"]][key].append(value)
+                    per[s["label"]]["distinct"].append(distinct)
+            records += summarise(per, settings, bs, args.seq_len)
     meta = {"model": str(model_dir), "text": str(args.text), "seq_len": args.seq_len,
             "num_batches": args.num_batches, "quantile": args.quantile,
             "sidecar_tokens": {k: v.num_tokens for k, v in sidecars.items()},

@@ -71,6 +71,37 @@ void check_primary(
   TORCH_CHECK_VALUE(mask.is_contiguous(), "primary must be contiguous");
 }
 
+// A [T, E] float32/bfloat16/float16 contiguous score matrix on the device of topk_ids.
+void check_scores(const at::Tensor& scores, const at::Tensor& topk_ids, int64_t num_experts) {
+  TORCH_CHECK_VALUE(
+      scores.device() == topk_ids.device(), "router_scores must be on the device of topk_ids (",
+      topk_ids.device(), "), got ", scores.device());
+  TORCH_CHECK_VALUE(
+      scores.dim() == 2 && scores.size(0) == topk_ids.size(0) && scores.size(1) == num_experts,
+      "router_scores must be [num_tokens=", topk_ids.size(0), ", num_experts=", num_experts,
+      "], got ", scores.sizes());
+  const auto dtype = scores.scalar_type();
+  TORCH_CHECK_TYPE(
+      dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
+      "router_scores must be float32, bfloat16 or float16, got ", dtype_name(dtype));
+  TORCH_CHECK_VALUE(scores.is_contiguous(), "router_scores must be contiguous");
+}
+
+// [T, K] float32/bfloat16/float16 contiguous weights like topk_ids.
+void check_topk_weights(const at::Tensor& topk_weights, const at::Tensor& topk_ids) {
+  TORCH_CHECK_VALUE(
+      topk_weights.device() == topk_ids.device(), "topk_weights must be on the device of topk_ids (",
+      topk_ids.device(), "), got ", topk_weights.device());
+  TORCH_CHECK_VALUE(
+      topk_weights.sizes() == topk_ids.sizes(), "topk_weights must have the shape of topk_ids ",
+      topk_ids.sizes(), ", got ", topk_weights.sizes());
+  const auto weight_dtype = topk_weights.scalar_type();
+  TORCH_CHECK_TYPE(
+      weight_dtype == at::kFloat || weight_dtype == at::kBFloat16 || weight_dtype == at::kHalf,
+      "topk_weights must be float32, bfloat16 or float16, got ", dtype_name(weight_dtype));
+  TORCH_CHECK_VALUE(topk_weights.is_contiguous(), "topk_weights must be contiguous");
+}
+
 }  // namespace
 
 void check_reroute_args(
@@ -94,22 +125,35 @@ void check_reroute_err_args(
     double keep_cost,
     const std::optional<at::Tensor>& primary) {
   check_topk_ids(topk_ids, num_primary);
-  TORCH_CHECK_VALUE(
-      topk_weights.device() == topk_ids.device(), "topk_weights must be on the device of topk_ids (",
-      topk_ids.device(), "), got ", topk_weights.device());
-  TORCH_CHECK_VALUE(
-      topk_weights.sizes() == topk_ids.sizes(), "topk_weights must have the shape of topk_ids ",
-      topk_ids.sizes(), ", got ", topk_weights.sizes());
-  const auto weight_dtype = topk_weights.scalar_type();
-  TORCH_CHECK_TYPE(
-      weight_dtype == at::kFloat || weight_dtype == at::kBFloat16 || weight_dtype == at::kHalf,
-      "topk_weights must be float32, bfloat16 or float16, got ", dtype_name(weight_dtype));
-  TORCH_CHECK_VALUE(topk_weights.is_contiguous(), "topk_weights must be contiguous");
+  check_topk_weights(topk_weights, topk_ids);
   check_expert_matrix(error, "error", topk_ids);
   TORCH_CHECK_VALUE(tolerance > 0.0 && tolerance <= 1.0, "tolerance must be in (0, 1], got ", tolerance);
   // NaN fails this check too; +inf (never keep) passes.
   TORCH_CHECK_VALUE(keep_cost >= 0.0, "keep_cost must be >= 0 (inf: never keep), got ", keep_cost);
   check_primary(primary, topk_ids, error.size(0));
+}
+
+void check_oea_args(
+    const at::Tensor& topk_ids,
+    const at::Tensor& topk_weights,
+    const at::Tensor& router_scores,
+    int64_t num_primary,
+    const std::optional<at::Tensor>& primary) {
+  check_topk_ids(topk_ids, num_primary);
+  check_topk_weights(topk_weights, topk_ids);
+  TORCH_CHECK_VALUE(
+      router_scores.dim() == 2 && router_scores.size(1) >= 1,
+      "router_scores must be 2-D [num_tokens, num_experts] with num_experts >= 1, got shape ",
+      router_scores.sizes());
+  check_scores(router_scores, topk_ids, router_scores.size(1));
+  check_primary(primary, topk_ids, router_scores.size(1));
+}
+
+void check_refill_scores(
+    const std::optional<at::Tensor>& router_scores, const at::Tensor& topk_ids, int64_t num_experts) {
+  if (router_scores.has_value()) {
+    check_scores(*router_scores, topk_ids, num_experts);
+  }
 }
 
 void check_primary_mask_args(const at::Tensor& topk_ids, int64_t num_experts, int64_t num_primary) {

@@ -1,5 +1,5 @@
-// Argument checks shared by every backend of the sere ops. Each message names the argument and
-// matches, word for word, the Python checks of sere/ops.py (the reference fallback path).
+// Argument checks shared by every backend of the sere ops (CPU and CUDA). Each message names the
+// argument; the fake kernels of sere/ops.py only propagate shapes.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -14,6 +14,8 @@ constexpr int64_t kNumStats = 5;
 // Length of the stats vector returned by sere::reroute_err: STAT_FIELDS + ("dropped_slots",)
 // (sere.ops.ERR_STAT_FIELDS).
 constexpr int64_t kNumErrStats = 6;
+// Length of the stats vector returned by sere::oea (the same six fields; critical_slots is 0).
+constexpr int64_t kNumOeaStats = 6;
 
 // Shape, dtype, device and contiguity of every argument of sere::reroute. The range of the ids
 // is left to the backend (checked on CPU; a GPU cannot check it without a host sync).
@@ -34,6 +36,18 @@ void check_reroute_err_args(
     double tolerance,
     double keep_cost,
     const std::optional<at::Tensor>& primary);
+
+// Shape, dtype, device and contiguity of every argument of sere::oea; E = router_scores.size(1).
+void check_oea_args(
+    const at::Tensor& topk_ids,
+    const at::Tensor& topk_weights,
+    const at::Tensor& router_scores,
+    int64_t num_primary,
+    const std::optional<at::Tensor>& primary);
+
+// The optional [T, E] router scores of sere::reroute_err (refill of the dropped slots).
+void check_refill_scores(
+    const std::optional<at::Tensor>& router_scores, const at::Tensor& topk_ids, int64_t num_experts);
 
 // Arguments of sere::primary_mask (same rules for topk_ids and num_primary).
 void check_primary_mask_args(const at::Tensor& topk_ids, int64_t num_experts, int64_t num_primary);

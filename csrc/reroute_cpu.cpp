@@ -1,4 +1,4 @@
-// CPU kernels of sere::reroute and sere::primary_mask (SERE_SPEC section 2).
+// CPU kernels of sere::reroute and sere::primary_mask (docs/spec.md §6).
 //
 // Shape legend: T tokens, K top-k slots, S = num_primary, E experts.
 // One pass over the slots builds P (or takes the caller's mask) and checks every id; a second

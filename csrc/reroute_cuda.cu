@@ -1,4 +1,4 @@
-// CUDA kernels of sere::reroute and sere::primary_mask (SERE_SPEC section 2). Toolkit only.
+// CUDA kernels of sere::reroute and sere::primary_mask (docs/spec.md §6). Toolkit only.
 //
 // Shape legend: T tokens, K top-k slots, S = num_primary, E experts.
 //

@@ -47,7 +47,7 @@ struct RerouteArgs {
   void* workspace;         // reroute_workspace_bytes(...) bytes (any contents), or nullptr when 0
 };
 
-// SERE re-routing (SERE_SPEC section 2). Returns cudaGetLastError() after the launches.
+// SERE re-routing (docs/spec.md §6). Returns cudaGetLastError() after the launches.
 template <typename IdT, typename SimT>
 cudaError_t launch_reroute(const RerouteArgs<IdT, SimT>& args, cudaStream_t stream);
 

@@ -6,7 +6,9 @@
 // (at most E * |P| reads), marks the slots whose cost exceeds keep_cost and, with a budget,
 // sums their cost per expert in row-major slot order (the order of the reference's
 // index_put_(accumulate=True)) and keeps the max_distinct - |P| experts of largest summed cost.
-// Pass 3 decides every slot (keep / substitute / drop), writes ids, weights and statistics.
+// Pass 3 decides every slot (keep / substitute / drop), refills a token's dropped slots from the
+// loaded experts by router score when `router_scores` is given (fill_cpu.h), renormalises, and
+// writes ids, weights and statistics (dropped_slots counts the drops before the refill).
 //
 // NOTE: exactness. The arithmetic repeats the reference's float32 steps: errors and weights are
 // widened to float32, cost = w * min(c, 1) is rounded before it is compared or summed (setup.py
@@ -24,6 +26,7 @@
 #include <tuple>
 #include <vector>
 
+#include "fill_cpu.h"
 #include "reroute_checks.h"
 #include "reroute_cpu_common.h"
 #include "reroute_dispatch.h"
@@ -62,6 +65,56 @@ Substitute best_substitute(
   return best;
 }
 
+// Every weight of one token rescaled to its original sum (sere.reference.renormalize_weights).
+template <typename WeightT>
+void renormalize_token(const WeightT* topk_weights, WeightT* new_weights, int64_t top_k) {  // [K], [K]
+  float old_sum = 0.0f;
+  float new_sum = 0.0f;
+  for (int64_t s = 0; s < top_k; ++s) {
+    old_sum += static_cast<float>(topk_weights[s]);
+    new_sum += static_cast<float>(new_weights[s]);
+  }
+  const float scale = old_sum / new_sum;
+  for (int64_t s = 0; s < top_k; ++s) {
+    new_weights[s] = static_cast<WeightT>(static_cast<float>(new_weights[s]) * scale);
+  }
+}
+
+// Refill of token t (sere.reference.refill_dropped): its j-th live dropped slot takes the j-th
+// loaded expert that its new ids do not hold yet, best router score first, with weight
+// score x (sum of its top-k weights / sum of their scores); a slot without one stays dropped.
+template <typename IdT, typename WeightT>
+void refill_token(
+    const IdT* topk_ids,                  // [T, K]
+    const WeightT* topk_weights,          // [T, K]
+    const ScoreRows& scores,              // [T, E]
+    const std::vector<int32_t>& loaded_ids,
+    const std::vector<int64_t>& live_drops,  // slots s of token t, ascending
+    int64_t t,
+    int64_t top_k,
+    IdT* new_ids,                         // [T, K]
+    WeightT* new_weights,                 // [T, K]
+    std::vector<int64_t>& excluded,       // [E] scratch
+    std::vector<FillPick>& picks) {       // [K] scratch
+  const int64_t row = t * top_k;
+  float weight_sum = 0.0f;
+  float score_sum = 0.0f;
+  for (int64_t s = 0; s < top_k; ++s) {
+    excluded[new_ids[row + s]] = t;
+    weight_sum += static_cast<float>(topk_weights[row + s]);
+    score_sum += scores.at(t, topk_ids[row + s]);
+  }
+  const float scale = weight_sum / clamp_min_tiny(score_sum);  // weight per unit of router score
+  const int64_t count = static_cast<int64_t>(live_drops.size());
+  const int64_t num_picks = pick_fill_candidates(scores, t, loaded_ids, excluded, t, count, picks.data());
+  for (int64_t j = 0; j < num_picks; ++j) {
+    if (picks[j].fills()) {
+      new_ids[row + live_drops[j]] = static_cast<IdT>(picks[j].id);
+      new_weights[row + live_drops[j]] = static_cast<WeightT>(picks[j].score * scale);
+    }
+  }
+}
+
 template <typename IdT, typename WeightT, typename ErrT>
 void reroute_err_kernel(
     const IdT* topk_ids,          // [T, K]
@@ -78,6 +131,7 @@ void reroute_err_kernel(
     float keep_cost,
     int64_t max_distinct,
     bool renormalize,
+    const ScoreRows* scores,      // [T, E] router scores, or nullptr: no refill
     int64_t* stats) {             // [6]
   const int64_t num_slots = num_tokens * top_k;
   check_ids_in_range(topk_ids, num_slots, top_k, num_experts);
@@ -100,6 +154,9 @@ void reroute_err_kernel(
   const auto is_secondary_outside_p = [&](int64_t i) {
     return i % top_k >= num_primary && !(flags[topk_ids[i]] & kInPrimary);
   };
+
+  std::vector<int64_t> excluded(scores != nullptr ? num_experts : 0, -1);  // [E] refill scratch
+  std::vector<FillPick> picks(top_k);                                    // [K] refill scratch
 
   // Pass 2: critical candidates (cost > keep_cost), and the budget among their experts.
   const bool use_budget = max_distinct > 0;
@@ -138,11 +195,22 @@ void reroute_err_kernel(
     flags[e] |= kAllowed;
   }
 
-  // Pass 3: decide every slot.
+  // Pass 3: decide every slot, refill the token's dropped slots, renormalise.
+  std::vector<int32_t> loaded_ids;  // P and the kept critical experts, ascending (refill only)
+  if (scores != nullptr) {
+    for (int64_t e = 0; e < num_experts; ++e) {
+      if (flags[e] & (kInPrimary | kAllowed)) {
+        loaded_ids.push_back(static_cast<int32_t>(e));
+      }
+    }
+  }
+  std::vector<int64_t> live_drops;  // the token's dropped slots with a nonzero weight
+  live_drops.reserve(top_k);
   int64_t rerouted_slots = 0;
   int64_t critical_slots = 0;
   int64_t dropped_slots = 0;
   for (int64_t t = 0; t < num_tokens; ++t) {
+    live_drops.clear();
     for (int64_t s = 0; s < top_k; ++s) {
       const int64_t i = t * top_k + s;
       const int32_t e = static_cast<int32_t>(topk_ids[i]);
@@ -158,25 +226,25 @@ void reroute_err_kernel(
           new_e = static_cast<int32_t>(topk_ids[t * top_k]);  // drop: the token's slot-0 expert
           weight = WeightT(0.0f);                             // with weight 0, an exact no-op
           ++dropped_slots;
+          if (static_cast<float>(topk_weights[i]) != 0.0f) {  // a zero-weight slot stays as it is
+            live_drops.push_back(s);
+          }
         }
       }
-      rerouted_slots += new_e != e;
       new_ids[i] = static_cast<IdT>(new_e);
       new_weights[i] = weight;
-      flags[new_e] |= kSeenAfter;
     }
-    if (renormalize) {  // every token, like the reference: scale = original sum / new sum
-      float old_sum = 0.0f;
-      float new_sum = 0.0f;
-      for (int64_t s = 0; s < top_k; ++s) {
-        old_sum += static_cast<float>(topk_weights[t * top_k + s]);
-        new_sum += static_cast<float>(new_weights[t * top_k + s]);
-      }
-      const float scale = old_sum / new_sum;
-      for (int64_t s = 0; s < top_k; ++s) {
-        WeightT& weight = new_weights[t * top_k + s];
-        weight = static_cast<WeightT>(static_cast<float>(weight) * scale);
-      }
+    if (scores != nullptr && !live_drops.empty()) {
+      refill_token(topk_ids, topk_weights, *scores, loaded_ids, live_drops, t, top_k, new_ids, new_weights,
+                   excluded, picks);
+    }
+    for (int64_t s = 0; s < top_k; ++s) {
+      const int64_t i = t * top_k + s;
+      rerouted_slots += new_ids[i] != topk_ids[i];
+      flags[new_ids[i]] |= kSeenAfter;
+    }
+    if (renormalize) {
+      renormalize_token(topk_weights + t * top_k, new_weights + t * top_k, top_k);
     }
   }
 
@@ -196,8 +264,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> reroute_err_cpu(
     double keep_cost,
     int64_t max_distinct,
     bool renormalize,
-    const std::optional<at::Tensor>& primary) {
+    const std::optional<at::Tensor>& primary,
+    const std::optional<at::Tensor>& router_scores) {
   check_reroute_err_args(topk_ids, topk_weights, error, num_primary, tolerance, keep_cost, primary);
+  check_refill_scores(router_scores, topk_ids, error.size(0));
+  const std::optional<ScoreRows> scores =
+      router_scores.has_value() ? std::optional<ScoreRows>(score_rows(*router_scores)) : std::nullopt;
   at::Tensor new_ids = at::empty(topk_ids.sizes(), topk_ids.options());              // [T, K]
   at::Tensor new_weights = at::empty(topk_weights.sizes(), topk_weights.options());  // [T, K]
   at::Tensor stats = at::empty({kNumErrStats}, topk_ids.options().dtype(at::kLong));  // [6]
@@ -216,7 +288,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> reroute_err_cpu(
             topk_ids.data_ptr<IdT>(), topk_weights.data_ptr<WeightT>(), error.data_ptr<ErrT>(),
             primary_ptr, new_ids.data_ptr<IdT>(), new_weights.data_ptr<WeightT>(), topk_ids.size(0),
             topk_ids.size(1), num_primary, error.size(0), tolerance_f32, keep_cost_f32, max_distinct,
-            renormalize, stats.data_ptr<int64_t>());
+            renormalize, scores.has_value() ? &*scores : nullptr, stats.data_ptr<int64_t>());
       });
     });
   });

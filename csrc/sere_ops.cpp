@@ -1,5 +1,6 @@
-// The SERE op schemas, declared once. Implementations: reroute_cpu.cpp and reroute_err_cpu.cpp
-// (CPU), reroute_cuda_glue.cpp (CUDA, built only against a CUDA torch); fake kernels: sere/ops.py.
+// The SERE op schemas, declared once. Implementations: reroute_cpu.cpp, reroute_err_cpu.cpp and
+// oea_cpu.cpp (CPU), reroute_cuda_glue.cpp and oea_cuda_glue.cpp (CUDA, built only against a CUDA
+// torch); fake kernels: sere/ops.py.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -21,10 +22,17 @@ TORCH_LIBRARY(sere, m) {
   // Error-aware re-routing (sere.reference.sere_err_reference). new_ids [T, K] like topk_ids,
   // new_weights [T, K] like topk_weights, stats [6] int64 in sere.ops.ERR_STAT_FIELDS order
   // (STAT_FIELDS + dropped_slots). max_distinct <= 0: no budget; keep_cost may be inf.
+  // router_scores [T, E]: refill the dropped slots from the loaded experts (before renormalize).
   m.def(
       "reroute_err(Tensor topk_ids, Tensor topk_weights, Tensor error, int num_primary, "
-      "float tolerance, float keep_cost, int max_distinct, bool renormalize, Tensor? primary=None) "
-      "-> (Tensor new_ids, Tensor new_weights, Tensor stats)");
+      "float tolerance, float keep_cost, int max_distinct, bool renormalize, Tensor? primary=None, "
+      "Tensor? router_scores=None) -> (Tensor new_ids, Tensor new_weights, Tensor stats)");
+  // Opportunistic Expert Activation (sere.reference.oea_reference); E = router_scores.size(1).
+  // new_ids [T, K] like topk_ids, new_weights [T, K] like topk_weights, stats [6] int64 in
+  // sere.ops.ERR_STAT_FIELDS order (critical_slots 0, dropped_slots: slots left unfilled).
+  m.def(
+      "oea(Tensor topk_ids, Tensor topk_weights, Tensor router_scores, int num_primary, "
+      "Tensor? primary=None) -> (Tensor new_ids, Tensor new_weights, Tensor stats)");
   // [E] bool mask of P = {topk_ids[t, s] : s < num_primary}; OR it across an EP group.
   m.def("primary_mask(Tensor topk_ids, int num_experts, int num_primary) -> Tensor");
 }

@@ -43,10 +43,13 @@ def build_llm_config(args: "dict[str, Any] | AppArgs"):
         "max_ongoing_requests": replica.max_ongoing_requests,
         "health_check_period_s": replica.health_check_period_s,
         "health_check_timeout_s": replica.health_check_timeout_s,
-        "graceful_shutdown_timeout_s": replica.graceful_shutdown_timeout_s,
+        # Long enough to drain the longest request the ingress lets run (AppArgs docstring).
+        "graceful_shutdown_timeout_s": args.shutdown_timeout_s(),
         "max_surge_percent": replica.max_surge_percent,
         "ray_actor_options": {"num_cpus": replica.num_cpus},
     }
+    if replica.max_queued_requests != -1:
+        deployment_config["max_queued_requests"] = replica.max_queued_requests
     return LLMConfig(
         model_loading_config={
             "model_id": args.served_model_name,
@@ -73,7 +76,7 @@ def build_app(args: "dict[str, Any] | AppArgs") -> Application:
     from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata
     from ray.serve.llm import build_dp_deployment, build_llm_deployment
 
-    from deploy.ingress import make_ingress_cls
+    from deploy.ingress import DEFAULT_SETTINGS, make_ingress_cls
     from deploy.server import SereDPServer, SereLLMServer
 
     args = parse_args(args)
@@ -84,16 +87,26 @@ def build_app(args: "dict[str, Any] | AppArgs") -> Application:
         server = build_llm_deployment(llm_config, deployment_cls=SereLLMServer)
 
     model_id = llm_config.model_id
+    ingress_args = args.ingress
     ingress = serve.deployment(
         make_ingress_cls(),
         name="SereIngress",
-        num_replicas=args.ingress.num_replicas,
+        num_replicas=ingress_args.num_replicas,
         max_ongoing_requests=100_000,  # a thin proxy: queueing happens at the engines
-        ray_actor_options={"num_cpus": args.ingress.num_cpus},
+        ray_actor_options={"num_cpus": ingress_args.num_cpus},
+        # A changed app config restarts the ingress too (its code version is the config's hash):
+        # start the new one first, and let the old one finish every request it holds.
+        max_surge_percent=100,
+        graceful_shutdown_timeout_s=args.shutdown_timeout_s(),
     )
-    api_key = args.ingress.api_key.get_secret_value() if args.ingress.api_key else None
+    if ingress_args.api_key is not None:
+        logger.warning("ingress.api_key is set in the app args, which `serve config` shows; "
+                       "prefer ingress.api_key_file or $SERE_API_KEY_FILE")
+    api_key = ingress_args.api_key.get_secret_value() if ingress_args.api_key else None
+    settings = ingress_args.model_dump(include=set(DEFAULT_SETTINGS))
     return ingress.bind(
         llm_deployments={model_id: server},
         model_cards={model_id: to_model_metadata(model_id, llm_config)},
         api_key=api_key,
+        settings=settings,
     )

@@ -16,6 +16,7 @@ from sere.config import SereConfig
 
 __all__ = [
     "API_KEY_ENV",
+    "API_KEY_FILE_ENV",
     "REPO_ROOT",
     "AppArgs",
     "AutoscalingArgs",
@@ -28,6 +29,9 @@ __all__ = [
 ]
 
 API_KEY_ENV = "SERE_API_KEY"
+API_KEY_FILE_ENV = "SERE_API_KEY_FILE"
+# Extra drain time on top of the longest request, for the response to reach the client.
+SHUTDOWN_MARGIN_S = 15.0
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _GiB = 1 << 30
 
@@ -145,12 +149,18 @@ class ReplicaArgs(_Strict):
 
     num_cpus: float = Field(default=0.25, ge=0)
     max_ongoing_requests: int = Field(default=256, ge=1)
+    # Requests waiting for a replica slot before Serve refuses new ones (the ingress answers
+    # 503 + Retry-After); -1 is Ray's unbounded queue.
+    max_queued_requests: int = Field(default=-1, ge=-1)
     health_check_period_s: float = Field(default=10, gt=0)
     health_check_timeout_s: float = Field(default=30, gt=0)
-    graceful_shutdown_timeout_s: float = Field(default=20, ge=0)
+    # How long a stopping replica may drain before Serve kills it. None derives it from the
+    # longest request the ingress lets run (`ingress.request_timeout_s` + 15 s), so a rollout
+    # or scale-down never cuts a request short; a smaller value can.
+    graceful_shutdown_timeout_s: float | None = Field(default=None, ge=0)
     # Extra replicas (% of the target) during a rollout: 100 keeps the old engine serving until
     # its replacement is ready (no failed or stalled requests; needs room for both); 0 (Ray's
-    # default) stops the old replica first.
+    # default) stops the old replica first, and requests meanwhile get 503 + Retry-After.
     max_surge_percent: int = Field(default=0, ge=0, le=100)
     # Environment of the replica and its engine processes (NCCL settings, VLLM_* knobs).
     env_vars: dict[str, str] = Field(default_factory=dict)
@@ -161,9 +171,23 @@ class IngressArgs(_Strict):
 
     num_cpus: float = Field(default=0.1, ge=0)
     num_replicas: int = Field(default=1, ge=1)
-    # The key clients must send as `Authorization: Bearer <key>`; unset falls back to $SERE_API_KEY
-    # in the ingress replica's environment; neither set means an open endpoint.
+    # The key clients must send as `Authorization: Bearer <key>`. Prefer `api_key_file` or the
+    # environment ($SERE_API_KEY, $SERE_API_KEY_FILE of the ingress replica): a key written here
+    # is shown by `serve config`. None of them set means an open endpoint.
     api_key: SecretStr | None = None
+    api_key_file: str | None = Field(default=None, min_length=1)
+    # The longest a request may run end to end (a stream is then ended with an error event, a
+    # plain request answered 408); keep it below http_options.request_timeout_s.
+    request_timeout_s: float = Field(default=100, gt=0)
+    # How long a request waits for an engine to take it, in total over its retries, before the
+    # answer is 503 + Retry-After (no replica ready, all full, or all failing).
+    unavailable_wait_s: float = Field(default=10, ge=0)
+    # Attempts of a request that failed before its first token reached the client.
+    max_attempts: int = Field(default=3, ge=1, le=10)
+    # Seconds in the Retry-After header of a 503 / 429.
+    retry_after_s: int = Field(default=5, ge=1)
+    # Larger request bodies are refused with 413 before they are read in full.
+    max_body_bytes: int = Field(default=4 << 20, ge=1024)
 
     @field_validator("api_key")
     @classmethod
@@ -171,6 +195,12 @@ class IngressArgs(_Strict):
         if value is not None and not value.get_secret_value().strip():
             raise ValueError("api_key is blank: omit it to use $SERE_API_KEY or no key")
         return value
+
+    @model_validator(mode="after")
+    def _one_key_source(self) -> "IngressArgs":
+        if self.api_key is not None and self.api_key_file is not None:
+            raise ValueError("give api_key or api_key_file, not both")
+        return self
 
 
 class AppArgs(_Strict):
@@ -211,6 +241,13 @@ class AppArgs(_Strict):
                 f"{self.placement.bundles!r} {'asks' if wants_gpu else 'does not ask'} for GPUs"
             )
         return self
+
+    def shutdown_timeout_s(self) -> float:
+        """The replicas' graceful_shutdown_timeout_s: as configured, else the longest request."""
+        configured = self.replica.graceful_shutdown_timeout_s
+        if configured is not None:
+            return configured
+        return self.ingress.request_timeout_s + SHUTDOWN_MARGIN_S
 
     def resolved_model_path(self) -> str:
         """An absolute path when model_path names a local directory, else the hub id unchanged."""

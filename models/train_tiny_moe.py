@@ -17,6 +17,7 @@ import json
 import math
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -26,6 +27,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from sere.progress import Progress, log as write_line
 from tiny_moe_corpus import CHAT_TEMPLATE, EOS, IM_END, PAD, load_corpus, sample_text, train_tokenizer
 from tiny_moe_net import TinyMoeConfig, TinyQwen3Moe, export_state_dict, load_balancing_loss
 
@@ -168,7 +170,10 @@ def worker(rank: int, args, vocab_size: int):
     torch.set_num_threads(args.threads)
     if args.procs > 1:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{args.port}", rank=rank, world_size=args.procs)
-    say = print if rank == 0 else (lambda *a, **k: None)
+    def say(*parts, **_):  # rank 0 only, to stdout, above the progress bar when one is drawn
+        if rank == 0:
+            write_line(" ".join(map(str, parts)), file=sys.stdout)
+
     train_ids = torch.from_numpy(np.load(args.work / "train_ids.npy").astype(np.int64))
     heldout_ids = torch.from_numpy(np.load(args.work / "heldout_ids.npy"))
     model = build_model(args, vocab_size)
@@ -208,6 +213,7 @@ def worker(rank: int, args, vocab_size: int):
     t_start, t_ckpt, ema = time.time(), time.time(), None
     max_start = train_ids.numel() - args.seq_len - 1
     steps_to_run = args.bench_steps if args.bench_steps else total_steps
+    bar = Progress(steps_to_run, "[train] training", initial=step, unit="step", enabled=rank == 0)
     while step < steps_to_run:
         if args.bench_steps and step == 2:
             t_bench = time.time()
@@ -231,6 +237,7 @@ def worker(rank: int, args, vocab_size: int):
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
+        bar.update()
         stats = all_reduce_(torch.tensor([loss.item(), aux.item()], dtype=torch.float64)) / args.procs
         ema = stats[0].item() if ema is None else 0.95 * ema + 0.05 * stats[0].item()
         elapsed = elapsed_before + time.time() - t_start
@@ -248,6 +255,7 @@ def worker(rank: int, args, vocab_size: int):
             torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "log": log,
                         "elapsed": elapsed}, ckpt_path)
             t_ckpt = time.time()
+    bar.close()
     if args.bench_steps:
         dt = (time.time() - t_bench) / max(1, args.bench_steps - 2)
         say(f"BENCH {dt:.2f} s/step, {tokens_per_step / dt:.0f} tokens/s", flush=True)

@@ -29,6 +29,9 @@ class SereConfig(BaseModel):
     `scope` sets who shares the primary set: the whole expert-parallel group or each rank.
     `locality_epsilon` (sere only, expert parallelism): among the primaries within this
     similarity of the best, prefer one on a rank or node the token is already sent to.
+    `node_limit="primary_nodes"` (sere, sere-err, oea; needs the expert placement): a token's
+    secondary slots only go to experts on the nodes (`node_scope="rank"`: ranks) of its own
+    top-S experts, grown to at most `max_nodes` nodes (ranks) in all when that is set.
     The policy layer `sere.policy.route` applies it; docs/spec.md states every rule.
     """
 
@@ -47,6 +50,9 @@ class SereConfig(BaseModel):
     renormalize: bool = False
     refill: bool = False
     locality_epsilon: float | None = Field(default=None, ge=0.0)
+    node_limit: str | None = None
+    max_nodes: int | None = Field(default=None, ge=1)
+    node_scope: str = "node"
 
     @field_validator("policy")
     @classmethod
@@ -60,6 +66,20 @@ class SereConfig(BaseModel):
     def _known_scope(cls, value: str) -> str:
         if value not in ("ep_group", "rank"):
             raise ValueError(f"scope={value!r} is unknown; choose 'ep_group' or 'rank'")
+        return value
+
+    @field_validator("node_limit")
+    @classmethod
+    def _known_node_limit(cls, value: str | None) -> str | None:
+        if value is not None and value != "primary_nodes":
+            raise ValueError(f"node_limit={value!r} is unknown; choose 'primary_nodes' or None")
+        return value
+
+    @field_validator("node_scope")
+    @classmethod
+    def _known_node_scope(cls, value: str) -> str:
+        if value not in ("node", "rank"):
+            raise ValueError(f"node_scope={value!r} is unknown; choose 'node' or 'rank'")
         return value
 
     @field_validator("threshold")
@@ -92,6 +112,12 @@ class SereConfig(BaseModel):
             )
         if self.locality_epsilon is not None and self.policy != "sere":
             raise ValueError(f"locality_epsilon={self.locality_epsilon} applies to policy 'sere' only, not {self.policy!r}")
+        if self.node_limit is not None and self.policy == "topk":
+            raise ValueError("node_limit applies to policies 'sere', 'sere-err' and 'oea', not 'topk'")
+        if self.node_limit is not None and self.locality_epsilon is not None:
+            raise ValueError("set either node_limit or locality_epsilon, not both")
+        if self.max_nodes is not None and self.node_limit is None:
+            raise ValueError(f"max_nodes={self.max_nodes} needs node_limit='primary_nodes'")
         return self
 
     def check_model(self, top_k: int, num_experts: int) -> None:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 
 from sere import ops
-from sere.locality import locality_reroute
+from sere.locality import allowed_experts, locality_reroute, node_oea, node_sere, node_sere_err
 
 if TYPE_CHECKING:  # SereConfig needs pydantic; this module does not
     from sere.config import SereConfig
@@ -33,10 +33,12 @@ __all__ = [
     "Routed",
     "check_inputs",
     "config_fingerprint",
+    "label",
     "matrix_kind",
     "needs_router_scores",
     "primary_set",
     "route",
+    "router_scores",
     "sort_by_weight",
 ]
 
@@ -79,6 +81,39 @@ def needs_router_scores(cfg: "SereConfig") -> bool:
 def config_fingerprint(cfg: "SereConfig") -> int:
     """A process-independent integer for the whole config (ranks check that they agree)."""
     return zlib.crc32(json.dumps(cfg.model_dump(), sort_keys=True).encode())
+
+
+def router_scores(router_logits: torch.Tensor, scoring_func: str, num_experts: int | None = None) -> torch.Tensor:
+    """[T, E] float32 post-activation router scores from [T, >= E] logits, as the model's router
+    computes them: "softmax" (Qwen, Mixtral, OLMoE, DeepSeek-V2), "sigmoid" (DeepSeek-V3),
+    "sqrtsoftplus". OEA and refill rank experts by these."""
+    logits = router_logits[:, :num_experts].float() if num_experts else router_logits.float()
+    if scoring_func == "softmax":
+        return logits.softmax(dim=-1)
+    if scoring_func == "sigmoid":
+        return logits.sigmoid()
+    if scoring_func == "sqrtsoftplus":
+        return torch.nn.functional.softplus(logits).sqrt()
+    raise ValueError(f"scoring_func={scoring_func!r} is unknown; choose softmax, sigmoid or sqrtsoftplus")
+
+
+def label(cfg: "SereConfig") -> str:
+    """A short human label, e.g. "sere S=2 rho=0.0" or "sere-err S=4 tol=0.6 renorm refill"."""
+    if cfg.policy == "topk":
+        return "topk"
+    text = f"{cfg.policy} S={cfg.num_primary}"
+    if cfg.policy == "sere":
+        text += f" q={cfg.threshold_quantile}" if cfg.threshold_quantile is not None else f" rho={cfg.threshold}"
+        text += "" if cfg.locality_epsilon is None else f" eps={cfg.locality_epsilon}"
+    if cfg.node_limit is not None:
+        text += f" node:{cfg.node_scope}" + ("" if cfg.max_nodes is None else f"<={cfg.max_nodes}")
+    if cfg.policy == "sere-err":
+        text += f" tol={cfg.tolerance}"
+        text += "" if cfg.keep_cost is None else f" keep={cfg.keep_cost}"
+        text += "" if cfg.max_distinct is None else f" max={cfg.max_distinct}"
+        text += " renorm" if cfg.renormalize else ""
+        text += " refill" if cfg.refill else ""
+    return text
 
 
 def sort_by_weight(topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,7 +174,7 @@ def route(
         primary: [E] bool primary set, e.g. OR-ed over an EP group (`primary_set`); default this
             step's own.
         placement: an expert placement (`expert_to_rank` [E], `expert_to_node()` [E]) for the
-            locality-aware targets (`cfg.locality_epsilon`).
+            locality-aware targets (`cfg.locality_epsilon`) and node-aware routing (`cfg.node_limit`).
         step_tokens: tokens that decide whether the step is decode-sized (an EP group's total);
             default T. Steps with 0 or more than `cfg.max_decode_tokens` tokens are left alone.
     Returns:
@@ -154,6 +189,12 @@ def route(
     ids, weights = sort_by_weight(topk_ids, topk_weights)
     if primary is None:
         primary = ops.primary_mask(ids, num_experts, cfg.num_primary)
+    if cfg.node_limit is not None:
+        new_ids, new_weights, stats = _node_aware(
+            cfg, ids, weights, matrix, cfg.threshold if threshold is None else threshold, router_scores, primary,
+            placement,
+        )
+        return Routed(new_ids.to(topk_ids.dtype), new_weights.to(topk_weights.dtype), stats, True)
     new_ids, new_weights, stats = _POLICY_FNS[cfg.policy](
         cfg, ids, weights, matrix, cfg.threshold if threshold is None else threshold, router_scores, primary,
         placement,
@@ -226,6 +267,28 @@ def _sere_err(cfg, ids, weights, matrix, threshold, router_scores, primary, plac
         float("inf") if cfg.keep_cost is None else cfg.keep_cost, cfg.max_distinct, cfg.renormalize, primary,
         router_scores=router_scores if cfg.refill else None,
     )
+
+
+def _node_aware(cfg, ids, weights, matrix, threshold, router_scores, primary, placement):
+    """`cfg.policy` restricted to each token's allowed nodes or ranks (`sere.locality`)."""
+    if placement is None:
+        raise ValueError("node_limit is set: route() needs the expert placement (placement=...)")
+    if cfg.node_scope == "rank":
+        unit, num_units = placement.expert_to_rank, placement.world_size
+    else:
+        unit, num_units = placement.expert_to_node(), placement.num_nodes
+    allowed = allowed_experts(ids, unit.to(ids.device).long(), num_units, cfg.num_primary, cfg.max_nodes)  # [T, E]
+    token_primary = allowed & primary[None, :]  # [T, E]
+    if cfg.policy == "sere":
+        new_ids, new_weights, dropped = node_sere(ids, weights, matrix, cfg.num_primary, threshold, token_primary, allowed)
+    elif cfg.policy == "oea":
+        new_ids, new_weights, dropped = node_oea(ids, weights, router_scores, cfg.num_primary, token_primary)
+    else:
+        new_ids, new_weights, dropped = node_sere_err(
+            ids, weights, matrix, cfg.num_primary, cfg, primary, token_primary, allowed, router_scores
+        )
+    stats = _locality_stats(ids, new_ids, primary, cfg.num_primary)
+    return new_ids, new_weights, torch.cat([stats[:5], dropped.sum().reshape(1).to(torch.int64)])
 
 
 _POLICY_FNS = {"sere": _sere, "oea": _oea, "sere-err": _sere_err}

@@ -7,7 +7,7 @@ Shape legend:
     T  tokens in the step          E  routed experts
     K  top-k slots per token       S  num_primary (1 <= S < K)
 
-Policies (SERE_SPEC sections 2 and 5):
+Policies (docs/spec.md §3, §5-§9):
     topk  no change (the model's own routing).
     sere  Similarity-based Expert Re-routing: every secondary slot whose expert is not in the
           batch's primary set P is sent to the most similar expert of P (ties: lowest expert id),
@@ -15,7 +15,7 @@ Policies (SERE_SPEC sections 2 and 5):
           Weights are never changed.
     oea   Opportunistic Expert Activation (arXiv 2511.02237): every token keeps its top-S; its
           other K-S slots take the highest-router-score experts already loaded by the batch.
-    sere-err  error-aware re-routing (SERE_SPEC section 5): like sere, but the substitute is the
+    sere-err  error-aware re-routing (docs/spec.md §9): like sere, but the substitute is the
           primary with the lowest calibrated substitution error, a slot whose best substitute is
           worse than `tolerance` is dropped instead, and a slot whose weighted error is too large
           to approximate keeps its expert (optionally within a budget of distinct experts).
@@ -98,7 +98,7 @@ def reroute_reference(
     threshold: float = 0.0,
     primary: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """SERE re-routing (SERE_SPEC section 2).
+    """SERE re-routing (docs/spec.md §6).
 
     Args:
         topk_ids: [T, K] int32/int64 expert ids from the model's own router.
@@ -255,8 +255,31 @@ def sere_err_reference(
         raise ValueError(f"tolerance={tolerance!r} must be in (0, 1]")
     if primary is None:
         primary = primary_mask(topk_ids, num_experts, num_primary)
-    best_id, best_err = _best_substitute(error, primary)
+    best_id, substitute, drop, critical = _sere_err_decision(
+        topk_ids, topk_weights, error, num_primary, tolerance, keep_cost, max_distinct, primary
+    )
+    secondary = topk_ids[:, num_primary:].long()  # [T, K-S]
+    new_secondary = torch.where(substitute, best_id[secondary], secondary)
+    new_secondary = torch.where(drop, topk_ids[:, :1].long(), new_secondary)
+    new_ids = torch.cat([topk_ids[:, :num_primary], new_secondary.to(topk_ids.dtype)], dim=1)
+    new_weights = topk_weights.clone()
+    new_weights[:, num_primary:] = torch.where(drop, 0.0, topk_weights[:, num_primary:])
+    if router_scores is not None:
+        loaded_set = primary.clone()
+        loaded_set[secondary[critical]] = True
+        live = drop & (topk_weights[:, num_primary:] != 0)  # a zero-weight slot stays as it is
+        new_ids, new_weights = refill_dropped(new_ids, new_weights, live, loaded_set, router_scores,
+                                              topk_ids, topk_weights)
+    if renormalize:
+        new_weights = renormalize_weights(new_weights, topk_weights)
+    return new_ids, new_weights
 
+
+def _sere_err_decision(topk_ids, topk_weights, error, num_primary, tolerance, keep_cost, max_distinct, primary):
+    """sere-err's per-slot decision: ([E] best substitute ids, then [T, K-S] bool masks of the
+    substituted, dropped and kept-critical secondary slots)."""
+    num_experts = error.shape[0]
+    best_id, best_err = _best_substitute(error, primary)
     secondary = topk_ids[:, num_primary:].long()  # [T, K-S]
     weights = topk_weights[:, num_primary:].float()  # [T, K-S]
     loaded = primary[secondary]  # [T, K-S]
@@ -275,21 +298,7 @@ def sere_err_reference(
     approximate = ~loaded & ~critical
     substitute = approximate & (sub_err < tolerance)
     drop = approximate & ~substitute
-
-    new_secondary = torch.where(substitute, best_id[secondary], secondary)
-    new_secondary = torch.where(drop, topk_ids[:, :1].long(), new_secondary)
-    new_ids = torch.cat([topk_ids[:, :num_primary], new_secondary.to(topk_ids.dtype)], dim=1)
-    new_weights = topk_weights.clone()
-    new_weights[:, num_primary:] = torch.where(drop, 0.0, topk_weights[:, num_primary:])
-    if router_scores is not None:
-        loaded_set = primary.clone()
-        loaded_set[secondary[critical]] = True
-        live = drop & (topk_weights[:, num_primary:] != 0)  # a zero-weight slot stays as it is
-        new_ids, new_weights = refill_dropped(new_ids, new_weights, live, loaded_set, router_scores,
-                                              topk_ids, topk_weights)
-    if renormalize:
-        new_weights = renormalize_weights(new_weights, topk_weights)
-    return new_ids, new_weights
+    return best_id, substitute, drop, critical
 
 
 def renormalize_weights(new_weights: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:

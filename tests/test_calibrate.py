@@ -1,4 +1,4 @@
-"""Calibration of the similarity sidecar: formulas (SERE_SPEC section 3), streaming, every
+"""Calibration of the similarity sidecar: formulas (docs/spec.md §14), streaming, every
 family, twin experts, and the CLI."""
 
 import subprocess
@@ -12,6 +12,7 @@ import transformers
 from test_hf_moe import FAMILIES, SAMPLE_TEXT, save_tiny_model, tiny_moe  # noqa: E402
 
 from sere.hf.calibrate import calibrate, main, similarity_matrix  # noqa: E402
+from sere.config import SereConfig  # noqa: E402
 from sere.hf.moe import find_moe_blocks, routing_hook, run_expert  # noqa: E402
 from sere.sidecars import SIDECAR_NAME, load_sidecar  # noqa: E402
 
@@ -96,7 +97,8 @@ def test_twin_experts_have_similarity_one_and_rerouting_between_them_is_exact():
         plain = model(ids).logits
         for metric, matrices in sims.items():
             # rho = 0.999: only the twin pair may re-route, every other secondary is kept
-            with routing_hook(model, "sere", num_primary=1, threshold=0.999, similarity=matrices) as record:
+            cfg = SereConfig(policy="sere", num_primary=1, threshold=0.999)
+            with routing_hook(model, cfg, matrices=matrices) as record:
                 rerouted = model(ids).logits
             assert record.rerouted_slots() > 0, metric
             torch.testing.assert_close(rerouted, plain, rtol=1e-5, atol=1e-5, msg=metric)

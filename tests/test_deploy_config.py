@@ -137,13 +137,10 @@ def keyed_app():
     from fastapi import FastAPI
     from fastapi.testclient import TestClient
 
-    from deploy.ingress import ApiKeyMiddleware
-
-    class Holder:
-        api_key = "s3cret"
+    from deploy.http_guards import ApiKeyMiddleware
 
     app = FastAPI()
-    app.add_middleware(ApiKeyMiddleware, key_holder=Holder())
+    app.add_middleware(ApiKeyMiddleware, get_key=lambda: "s3cret", open_paths=frozenset({"/health"}))
 
     @app.get("/v1/models")
     def models():
@@ -156,7 +153,8 @@ def keyed_app():
     return TestClient(app)
 
 
-@pytest.mark.parametrize("header", [None, "Bearer wrong", "s3cret", "Basic s3cret", "Bearer "])
+@pytest.mark.parametrize("header", [None, "Bearer wrong", "s3cret", "Basic s3cret", "Bearer ",
+                                    "Bearer s3cr\u00e9t".encode(), "Bearer s3cret2"])
 def test_api_key_rejects_missing_or_wrong_key_with_401(keyed_app, header):
     headers = {"Authorization": header} if header is not None else {}
     response = keyed_app.get("/v1/models", headers=headers)

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from benchmarks.harness.launch import RankFailure, run_group
+from sere.config import SereConfig
 from sere.reference import primary_mask, reroute_reference
 
 import deepspeed  # noqa: F401
@@ -57,7 +58,7 @@ def _case(rank, world):
         w, ids = probs.topk(K, dim=-1)
         w = w / w.sum(-1, keepdim=True)
         y_topk = moe(x)[0]
-        gate = enable_sere(moe, sim, num_primary=S)
+        gate = enable_sere(moe, SereConfig(policy="sere", num_primary=S), sim)
         y_sere = moe(x)[0]
         all_ids = [torch.empty_like(ids) for _ in range(world)]
         dist.all_gather(all_ids, ids)
@@ -105,6 +106,8 @@ def test_dropping_gate_is_refused():
     from sere.ep.deepspeed_adapter import SereTopKGate
 
     with pytest.raises(ValueError, match="drop_tokens=False"):
-        SereTopKGate(TopKGate(H, E, k=K, drop_tokens=True), torch.eye(E), S)
+        SereTopKGate(TopKGate(H, E, k=K, drop_tokens=True), SereConfig(policy="sere", num_primary=S), torch.eye(E))
     with pytest.raises(ValueError, match="num_primary"):
-        SereTopKGate(TopKGate(H, E, k=K, drop_tokens=False), torch.eye(E), K)
+        SereTopKGate(TopKGate(H, E, k=K, drop_tokens=False), SereConfig(policy="sere", num_primary=K), torch.eye(E))
+    with pytest.raises(ValueError, match="similarity matrix"):
+        SereTopKGate(TopKGate(H, E, k=K, drop_tokens=False), SereConfig(policy="sere", num_primary=S), None)

@@ -8,13 +8,12 @@ brute-force accounting, and every invalid input must raise EPError on every rank
 import pytest
 import torch
 
-import sere
+from sere import policy as policies
+from sere.config import SereConfig
 from sere.ep import (
     EPError,
-    RoutingPolicy,
     SwiGLUExperts,
     agree_placement,
-    apply_policy,
     brute_force_traffic,
     ep_moe_forward,
     make_placement,
@@ -24,7 +23,17 @@ from sere.ep import (
 from benchmarks.harness.launch import RankFailure, run_group
 
 E, H, I, K, S = 16, 24, 8, 4, 1
-LABELS = ("topk", "sere", "sere+locality", "oea")
+CONFIGS = {
+    "topk": SereConfig(policy="topk"),
+    "sere": SereConfig(policy="sere", num_primary=S),
+    "sere+locality": SereConfig(policy="sere", num_primary=S, locality_epsilon=0.1),
+    "oea": SereConfig(policy="oea", num_primary=S),
+    "sere-err": SereConfig(policy="sere-err", num_primary=S, tolerance=0.6, renormalize=True),
+    "sere-err budget refill": SereConfig(policy="sere-err", num_primary=S, keep_cost=0.0, max_distinct=6,
+                                         refill=True, renormalize=True),
+}
+LABELS = tuple(CONFIGS)
+SERE = CONFIGS["sere"]
 
 
 def _tokens_on(rank, world):
@@ -49,12 +58,24 @@ def _inputs(world, seed, dtype=torch.float32):
     return xs, ids, ws, scores, sim
 
 
-def _expected(policy, placement, ids, ws, scores, sim, rank):
-    """Single-process routing of `rank`'s tokens with the primary set of the whole group."""
+def _matrix(cfg, sim):
+    """The layer matrix `cfg` reads: the similarity, or a substitution error made from it."""
+    kind = policies.matrix_kind(cfg)
+    return {"similarity": sim, "substitution_error": (1.0 - sim) * 1.5, None: None}[kind]
+
+
+def _expected(cfg, placement, ids, ws, scores, sim, rank):
+    """Single-process routing of `rank`'s tokens with the primary set of the whole group (the union
+    of every token's top-S experts, written out here as a loop)."""
     primary = torch.zeros(E, dtype=torch.bool)
-    for i in ids:
-        primary |= sere.primary_mask(i, E, S)
-    return apply_policy(policy, ids[rank], ws[rank], placement, primary, sim, scores[rank])
+    for rank_ids in ids:
+        for token in rank_ids.tolist():
+            for expert in token[:S]:
+                primary[expert] = True
+    total = sum(i.shape[0] for i in ids)
+    routed = policies.route(cfg, ids[rank], ws[rank], num_experts=E, matrix=_matrix(cfg, sim),
+                            router_scores=scores[rank], primary=primary, placement=placement, step_tokens=total)
+    return routed.ids, routed.weights
 
 
 def _expect_error(fn):
@@ -73,15 +94,15 @@ def _suite(rank, world):
     placement = agree_placement(kind, E, ranks_per_node=world // 2)
     experts = SwiGLUExperts.from_global(gu, dn, placement, rank)
     out = {"steps": {}, "errors": {}}
-    for label in LABELS:
+    for label, cfg in CONFIGS.items():
         xs, ids, ws, scores, sim = _inputs(world, seed=11)
-        policy = RoutingPolicy.from_label(label, num_primary=S, epsilon=0.1)
-        y, info = ep_moe_forward(xs[rank], ids[rank], ws[rank], experts, placement, policy, sim, scores[rank])
-        exp_ids, exp_w = _expected(policy, placement, ids, ws, scores, sim, rank)
+        y, info = ep_moe_forward(xs[rank], ids[rank], ws[rank], experts, placement, cfg, _matrix(cfg, sim), scores[rank])
+        exp_ids, exp_w = _expected(cfg, placement, ids, ws, scores, sim, rank)
         ref = moe_reference(xs[rank], exp_ids, exp_w, gu, dn)
         out["steps"][label] = {
             "max_err": float((y - ref).abs().max()) if y.numel() else 0.0,
             "ids_equal": bool(torch.equal(info.topk_ids, exp_ids)),
+            "weights_equal": bool(torch.allclose(info.topk_weights, exp_w)),
             "ids_changed": bool((info.topk_ids != ids[rank]).any()),
             "ids": info.topk_ids.tolist(),
             "send_rows": info.send_rows.tolist(),
@@ -89,8 +110,8 @@ def _suite(rank, world):
             "computed": info.local_experts_computed,
         }
     xs, ids, ws, scores, sim = _inputs(world, seed=5, dtype=torch.bfloat16)
-    y, _ = ep_moe_forward(xs[rank], ids[rank], ws[rank], experts, placement, RoutingPolicy("sere", S), sim)
-    exp_ids, exp_w = _expected(RoutingPolicy("sere", S), placement, ids, ws, scores, sim, rank)
+    y, _ = ep_moe_forward(xs[rank], ids[rank], ws[rank], experts, placement, SERE, sim)
+    exp_ids, exp_w = _expected(SERE, placement, ids, ws, scores, sim, rank)
     ref = moe_reference(xs[rank].float(), exp_ids, exp_w, gu, dn)
     out["bf16_err"] = float((y.float() - ref).abs().max()) if y.numel() else 0.0
 
@@ -99,13 +120,11 @@ def _suite(rank, world):
     bad_table = placement.rank_experts.tolist()
     if rank == 1:
         bad_table[1][0] = bad_table[0][0]  # expert owned twice, another one missing
-    sere_policy = RoutingPolicy("sere", S)
-
-    def step(x=None, i=None, w=None, sim_=sim, policy=sere_policy):
+    def step(x=None, i=None, w=None, sim_=sim, cfg=SERE):
         x = xs[rank] if x is None else x
         i = ids[rank] if i is None else i
         w = ws[rank] if w is None else w
-        return ep_moe_forward(x, i, w, experts, placement, policy, sim_)
+        return ep_moe_forward(x, i, w, experts, placement, cfg, sim_)
 
     errors = out["errors"]
     errors["placement"] = _expect_error(lambda: agree_placement(bad_table, E))
@@ -119,14 +138,14 @@ def _suite(rank, world):
     errors["top_k"] = _expect_error(
         lambda: step(i=ids[rank][:, :3] if rank == 0 else None, w=ws[rank][:, :3] if rank == 0 else None)
     )
-    errors["num_primary"] = _expect_error(lambda: step(policy=RoutingPolicy("sere", K)))
+    errors["num_primary"] = _expect_error(lambda: step(cfg=SereConfig(policy="sere", num_primary=K)))
     y, _ = step()  # the group still works after every rejected step
     out["after_errors_finite"] = bool(torch.isfinite(y).all())
     total = sum(_tokens_on(r, world) for r in range(world))
-    _, info = step(policy=RoutingPolicy("sere", S, max_tokens=total - 1))  # a prefill-sized step
+    _, info = step(cfg=SereConfig(policy="sere", num_primary=S, max_decode_tokens=total - 1))  # prefill-sized
     out["skipped_above_max_tokens"] = bool(torch.equal(info.topk_ids, ids[rank]))
-    _, info = step(policy=RoutingPolicy("sere", S, max_tokens=total))
-    out["rerouted_at_max_tokens"] = bool(torch.equal(info.topk_ids, _expected(sere_policy, placement, ids, ws, scores, sim, rank)[0]))
+    _, info = step(cfg=SereConfig(policy="sere", num_primary=S, max_decode_tokens=total))
+    out["rerouted_at_max_tokens"] = bool(torch.equal(info.topk_ids, _expected(SERE, placement, ids, ws, scores, sim, rank)[0]))
     return out
 
 
@@ -146,6 +165,7 @@ def test_output_equals_single_process_moe(group_results, label):
     for rank, res in enumerate(results):
         step = res["steps"][label]
         assert step["ids_equal"], (rank, label)
+        assert step["weights_equal"], (rank, label)
         assert step["max_err"] < 1e-5, (rank, label, step["max_err"])
     if label != "topk":
         assert any(res["steps"][label]["ids_changed"] for res in results)
@@ -184,7 +204,7 @@ def test_dispatch_counts_equal_brute_force(group_results, label):
         ("indivisible", "does not divide"),
         ("hidden", "hidden differs"),
         ("ids_range", "outside [0, 16)"),
-        ("no_similarity", "needs similarity"),
+        ("no_similarity", "similarity matrix"),
         ("top_k", "top_k differs"),
         ("num_primary", "num_primary=4"),
     ],

@@ -7,8 +7,9 @@ group across them. Slow (a cluster start, ~30 s).
 import pytest
 import torch
 
-import sere
-from sere.ep import RoutingPolicy, apply_policy, brute_force_traffic, linear_placement, moe_reference, random_expert_weights
+from sere import policy as policies
+from sere.config import SereConfig
+from sere.ep import brute_force_traffic, linear_placement, moe_reference, random_expert_weights
 
 pytestmark = pytest.mark.slow
 
@@ -29,18 +30,24 @@ def test_two_nodes_equal_single_process():
     sim = torch.rand(E, E, generator=gen)
     sim.fill_diagonal_(1.0)
     placement = linear_placement(E, 2)
-    primary = sere.primary_mask(ids[0], E, 1) | sere.primary_mask(ids[1], E, 1)
+    primary = torch.zeros(E, dtype=torch.bool)
+    primary[torch.cat(ids)[:, 0]] = True  # every token's top-1 (topk returns slots by descending weight)
+    configs = {
+        "topk": SereConfig(policy="topk"),
+        "sere": SereConfig(policy="sere", num_primary=1),
+        "sere+locality": SereConfig(policy="sere", num_primary=1, locality_epsilon=0.1),
+    }
     with SimulatedCluster(num_nodes=2, base_port=6390):
         runner = RayEPRunner(2, 1, (gate_up, down), port=free_port(), timeout_s=90)
         try:
             assert runner.node_ips == ["127.0.0.2", "127.0.0.3"]
             assert len(set(runner.node_ids)) == 2
-            for label in ("topk", "sere", "sere+locality"):
-                policy = RoutingPolicy.from_label(label, num_primary=1, epsilon=0.1)
-                results = runner.step(xs, ids, ws, policy, sim)
+            for label, cfg in configs.items():
+                results = runner.step(xs, ids, ws, cfg, sim)
                 all_ids = []
                 for rank, res in enumerate(results):
-                    exp_ids, exp_w = apply_policy(policy, ids[rank], ws[rank], placement, primary, sim)
+                    exp_ids, exp_w, _, _ = policies.route(cfg, ids[rank], ws[rank], num_experts=E, matrix=sim,
+                                                          primary=primary, placement=placement, step_tokens=10)
                     assert torch.equal(res["topk_ids"], exp_ids)
                     ref = moe_reference(xs[rank], exp_ids, exp_w, gate_up, down)
                     assert torch.allclose(res["out"], ref, atol=1e-5), (label, rank)

@@ -1,4 +1,4 @@
-"""Lock-step batch-decode evaluation (SERE_SPEC section 6) on tiny random models."""
+"""Lock-step batch-decode evaluation (docs/spec.md §16) on tiny random models."""
 
 import json
 
@@ -10,7 +10,8 @@ import transformers
 from test_hf_moe import SAMPLE_TEXT, save_tiny_model, tiny_moe  # noqa: E402
 
 from sere.hf.calibrate import main as calibrate_main  # noqa: E402
-from sere.hf.evaluate import DEFAULT_OPERATING_POINT, Setting, decode_lockstep, evaluate, main, make_batches  # noqa: E402
+from sere.config import SereConfig  # noqa: E402
+from sere.hf.evaluate import DEFAULT_OPERATING_POINT, decode_lockstep, evaluate, main, make_batches  # noqa: E402
 from sere.hf.moe import find_moe_blocks  # noqa: E402
 from sere.sidecars import Sidecar, save_sidecar  # noqa: E402
 
@@ -54,7 +55,7 @@ def test_make_batches_cuts_non_overlapping_windows():
 def test_lockstep_decode_with_kv_cache_equals_a_full_forward(family):
     model = tiny_moe(family)
     batch = _tokens()[:4 * 9].view(4, 9)
-    logp, distinct, rerouted = decode_lockstep(model, batch, Setting("topk"))
+    logp, distinct, rerouted = decode_lockstep(model, batch, SereConfig(policy="topk"))
     with torch.no_grad():
         full = model(batch[:, :-1]).logits.float().log_softmax(-1)
     torch.testing.assert_close(logp, full, rtol=1e-4, atol=1e-4)
@@ -63,8 +64,10 @@ def test_lockstep_decode_with_kv_cache_equals_a_full_forward(family):
 
 def test_evaluate_records_quality_and_distinct_experts():
     model = tiny_moe("qwen3_moe", num_experts=16)
-    settings = [Setting("sere", 1, 0.0), Setting("oea", 1), Setting("sere", 2, 0.0, 0.5)]
-    records = evaluate(model, _tokens(), [1, 4], settings, seq_len=6, num_sequences=4, similarity=_sidecar(model))
+    settings = [SereConfig(policy="sere", num_primary=1), SereConfig(policy="oea", num_primary=1),
+                SereConfig(policy="sere", num_primary=2, threshold_quantile=0.5)]
+    records = evaluate(model, _tokens(), [1, 4], settings, seq_len=6, num_sequences=4,
+                       sidecars={"similarity": _sidecar(model)})
     assert [(r["policy"], r["batch_size"]) for r in records] == [
         ("topk", 1), ("sere", 1), ("oea", 1), ("sere", 1), ("topk", 4), ("sere", 4), ("oea", 4), ("sere", 4)]
     for r in records:

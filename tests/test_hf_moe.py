@@ -9,7 +9,8 @@ import torch
 import transformers
 
 from sere.hf.moe import find_moe_blocks, routing_hook, run_expert, run_experts  # noqa: E402
-from sere.reference import oea_reference, reroute_reference  # noqa: E402
+from sere.config import SereConfig  # noqa: E402
+import oracle  # noqa: E402  (tests/oracle.py: plain-loop oracles of the policies)
 
 FAMILIES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v2", "deepseek_v3")
 VOCAB = 320
@@ -133,7 +134,7 @@ def test_topk_hook_changes_nothing_and_records_distinct_experts(family):
     ids = _ids()
     with torch.no_grad():
         plain = model(ids).logits
-        with routing_hook(model, "topk") as record:
+        with routing_hook(model) as record:
             hooked = model(ids).logits
     torch.testing.assert_close(hooked, plain, rtol=0, atol=0)
     for calls in record.calls.values():
@@ -143,26 +144,27 @@ def test_topk_hook_changes_nothing_and_records_distinct_experts(family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_sere_hook_reroutes_what_the_router_chose(family):
-    """The ids reaching the experts are reroute_reference applied to the router's own (sorted)
-    choice, for softmax, sigmoid and grouped top-k routers alike, and they differ from it."""
+    """The ids reaching the experts are the loop oracle's SERE of the router's own choice, for
+    softmax, sigmoid and grouped top-k routers alike, and they differ from it."""
     model = tiny_moe(family)
     blocks = find_moe_blocks(model)
     sims = {b.layer_idx: torch.rand(8, 8, generator=torch.Generator().manual_seed(b.layer_idx)) for b in blocks}
     router_out = {}
     handles = [b.router.register_forward_hook(
         lambda m, a, out, layer=b.layer_idx: router_out.__setitem__(layer, out)) for b in blocks]
-    with torch.no_grad(), routing_hook(model, "sere", num_primary=1, similarity=sims) as record:
+    cfg = SereConfig(policy="sere", num_primary=1)
+    with torch.no_grad(), routing_hook(model, cfg, matrices=sims) as record:
         seen, more = _capture_expert_ids(model)
         model(_ids(batch=1, seq=3))  # 3 tokens: the primary set cannot cover all 8 experts
     for h in handles + more:
         h.remove()
     for b in blocks:
         _, weights, ids = router_out[b.layer_idx]
-        order = torch.sort(weights, dim=-1, descending=True, stable=True).indices
-        expected, _ = reroute_reference(ids.gather(1, order), weights.gather(1, order), sims[b.layer_idx], 1)
-        assert torch.equal(seen[b.layer_idx], expected)
+        want_ids, _, want_stats, _ = oracle.route(cfg, ids, weights, num_experts=8, matrix=sims[b.layer_idx])
+        assert seen[b.layer_idx].tolist() == want_ids
         assert not torch.equal(seen[b.layer_idx].sort(-1).values, ids.sort(-1).values)
         ((_, before, after, changed),) = record.calls[b.layer_idx]
+        assert [before, after, changed] == [want_stats[0], want_stats[1], want_stats[3]]
         assert after < before and changed > 0
 
 
@@ -174,7 +176,7 @@ def test_grouped_topk_router_is_rerouted_and_output_changes(family):
     ids = _ids(batch=1, seq=3)
     with torch.no_grad():
         plain = model(ids).logits
-        with routing_hook(model, "sere", num_primary=1, similarity=sims) as record:
+        with routing_hook(model, SereConfig(policy="sere", num_primary=1), matrices=sims) as record:
             rerouted = model(ids).logits
     assert record.rerouted_slots() > 0
     assert all(c[2] < c[1] for calls in record.calls.values() for c in calls)
@@ -188,7 +190,8 @@ def test_oea_hook_matches_reference_with_the_routers_scores(family):
     router_out = {}
     handles = [b.router.register_forward_hook(
         lambda m, a, out, layer=b.layer_idx: router_out.__setitem__(layer, out)) for b in blocks]
-    with torch.no_grad(), routing_hook(model, "oea", num_primary=2) as record:
+    cfg = SereConfig(policy="oea", num_primary=2)
+    with torch.no_grad(), routing_hook(model, cfg) as record:
         seen, more = _capture_expert_ids(model)
         model(_ids())
     for h in handles + more:
@@ -196,9 +199,8 @@ def test_oea_hook_matches_reference_with_the_routers_scores(family):
     b = blocks[0]
     logits, weights, ids = router_out[b.layer_idx]
     scores = logits.float().sigmoid() if family == "deepseek_v3" else logits.float().softmax(-1)
-    order = torch.sort(weights, dim=-1, descending=True, stable=True).indices
-    expected, _ = oea_reference(ids.gather(1, order), weights.gather(1, order), scores, 2)
-    assert torch.equal(seen[b.layer_idx], expected)
+    want_ids, _, _, _ = oracle.route(cfg, ids, weights, num_experts=8, router_scores=scores)
+    assert seen[b.layer_idx].tolist() == want_ids
     assert all(c[2] <= c[1] for calls in record.calls.values() for c in calls)
 
 
@@ -207,7 +209,7 @@ def test_max_tokens_leaves_prefill_alone():
     sims = {b.layer_idx: torch.ones(8, 8) for b in find_moe_blocks(model)}
     with torch.no_grad():
         plain = model(_ids()).logits
-        with routing_hook(model, "sere", num_primary=1, similarity=sims, max_tokens=4) as record:
+        with routing_hook(model, SereConfig(policy="sere", num_primary=1, max_decode_tokens=4), matrices=sims) as record:
             hooked = model(_ids()).logits
     torch.testing.assert_close(hooked, plain, rtol=0, atol=0)
     assert record.rerouted_slots() == 0
@@ -218,7 +220,7 @@ def test_hooks_are_removed_on_exit():
     sims = {b.layer_idx: torch.ones(8, 8) for b in find_moe_blocks(model)}
     with torch.no_grad():
         plain = model(_ids()).logits
-        with routing_hook(model, "sere", num_primary=1, similarity=sims):
+        with routing_hook(model, SereConfig(policy="sere", num_primary=1), matrices=sims):
             pass
         torch.testing.assert_close(model(_ids()).logits, plain, rtol=0, atol=0)
 
@@ -233,20 +235,20 @@ def test_errors_are_clear():
     block = find_moe_blocks(model)[0]
     with pytest.raises(IndexError, match="expert_id=8"):
         run_expert(block, 8, torch.randn(2, 32))
-    with pytest.raises(ValueError, match="num_primary must be in"):
-        with routing_hook(model, "oea", num_primary=4):
+    with pytest.raises(ValueError, match="num_primary=4 must be smaller than the model's top_k=4"):
+        with routing_hook(model, SereConfig(policy="oea", num_primary=4)):
             pass
     with pytest.raises(ValueError, match="needs a similarity"):
-        with routing_hook(model, "sere", num_primary=1):
+        with routing_hook(model, SereConfig(policy="sere", num_primary=1)):
             pass
     with pytest.raises(ValueError, match="layer 0: similarity shape"):
-        with routing_hook(model, "sere", num_primary=1, similarity={0: torch.eye(4), 1: torch.eye(4)}):
+        with routing_hook(model, SereConfig(policy="sere", num_primary=1), matrices={0: torch.eye(4), 1: torch.eye(4)}):
             pass
     with pytest.raises(ValueError, match="no similarity matrix for MoE layer 1"):
-        with routing_hook(model, "sere", num_primary=1, similarity={0: torch.eye(8)}):
+        with routing_hook(model, SereConfig(policy="sere", num_primary=1), matrices={0: torch.eye(8)}):
             pass
     with pytest.raises(ValueError, match="policy='fast' is unknown"):
-        with routing_hook(model, "fast"):
+        with routing_hook(model, SereConfig(policy="fast")):
             pass
 
 
@@ -257,10 +259,8 @@ def test_errors_are_clear():
     dict(tolerance=0.8, keep_cost=0.05, max_distinct=3),
 ])
 def test_sere_err_hook_matches_reroute_err_on_the_routers_choice(family, params):
-    """sere-err through the hook: the ids and weights reaching the experts are exactly
-    `sere.reroute_err` applied to the router's own (sorted) output."""
-    from sere import reroute_err
-
+    """sere-err through the hook: the ids and weights reaching the experts are the loop
+    oracle's sere-err of the router's own output."""
     model = tiny_moe(family)
     blocks = find_moe_blocks(model)
     errors = {}
@@ -272,7 +272,8 @@ def test_sere_err_hook_matches_reroute_err_on_the_routers_choice(family, params)
         lambda m, a, out, layer=b.layer_idx: router_out.__setitem__(layer, out)) for b in blocks]
     handles += [b.experts.register_forward_pre_hook(
         lambda m, a, layer=b.layer_idx: seen_weights.__setitem__(layer, a[2].clone())) for b in blocks]
-    with torch.no_grad(), routing_hook(model, "sere-err", num_primary=1, error=errors, **params) as record:
+    cfg = SereConfig(policy="sere-err", num_primary=1, **params)
+    with torch.no_grad(), routing_hook(model, cfg, matrices=errors) as record:
         seen, more = _capture_expert_ids(model)
         model(_ids(batch=1, seq=3))
     for h in handles + more:
@@ -280,12 +281,12 @@ def test_sere_err_hook_matches_reroute_err_on_the_routers_choice(family, params)
     changed_any = False
     for b in blocks:
         _, weights, ids = router_out[b.layer_idx]
-        order = torch.sort(weights, dim=-1, descending=True, stable=True).indices
-        expected_ids, expected_weights = reroute_err(
-            ids.gather(1, order), weights.gather(1, order), errors[b.layer_idx], 1, **params)
-        assert torch.equal(seen[b.layer_idx], expected_ids)
-        torch.testing.assert_close(seen_weights[b.layer_idx], expected_weights)
+        want_ids, want_weights, want_stats, _ = oracle.route(cfg, ids, weights, num_experts=8,
+                                                             matrix=errors[b.layer_idx])
+        assert seen[b.layer_idx].tolist() == want_ids
+        torch.testing.assert_close(seen_weights[b.layer_idx], torch.tensor(want_weights, dtype=weights.dtype))
         ((_, before, after, changed),) = record.calls[b.layer_idx]
+        assert [before, after, changed] == [want_stats[0], want_stats[1], want_stats[3]]
         assert after <= before
         changed_any |= changed > 0
     assert changed_any
@@ -294,10 +295,10 @@ def test_sere_err_hook_matches_reroute_err_on_the_routers_choice(family, params)
 def test_sere_err_hook_needs_error_matrices():
     model = tiny_moe()
     with pytest.raises(ValueError, match="substitution error"):
-        with routing_hook(model, "sere-err", num_primary=1):
+        with routing_hook(model, SereConfig(policy="sere-err", num_primary=1)):
             pass
     with pytest.raises(ValueError, match="substitution error shape"):
-        with routing_hook(model, "sere-err", num_primary=1, error={0: torch.zeros(4, 4), 1: torch.zeros(4, 4)}):
+        with routing_hook(model, SereConfig(policy="sere-err", num_primary=1), matrices={0: torch.zeros(4, 4), 1: torch.zeros(4, 4)}):
             pass
 
 
@@ -314,19 +315,20 @@ def test_lockstep_forward_equals_kv_cache_decoding(family, policy, params):
     from transformers import DynamicCache
 
     model = tiny_moe(family)
+    tables = {}
     if policy == "sere-err":
-        errors = {b.layer_idx: torch.rand(8, 8, generator=torch.Generator().manual_seed(b.layer_idx))
-                  .fill_diagonal_(0.0) * 1.2 for b in find_moe_blocks(model)}
-        params = {**params, "error": errors}
+        tables["matrices"] = {b.layer_idx: torch.rand(8, 8, generator=torch.Generator().manual_seed(b.layer_idx))
+                              .fill_diagonal_(0.0) * 1.2 for b in find_moe_blocks(model)}
+    cfg = SereConfig(policy=policy, **params)
     batch = _ids(batch=4, seq=6)
     with torch.no_grad():
-        with routing_hook(model, policy, **params) as stepwise:
+        with routing_hook(model, cfg, **tables) as stepwise:
             cache, logits = DynamicCache(config=model.config), []
             for t in range(batch.shape[1]):
                 out = model(input_ids=batch[:, t : t + 1], past_key_values=cache, use_cache=True)
                 cache = out.past_key_values
                 logits.append(out.logits[:, -1])
-        with routing_hook(model, policy, lockstep_batch=4, **params) as lockstep:
+        with routing_hook(model, cfg, lockstep_batch=4, **tables) as lockstep:
             forward = model(input_ids=batch).logits  # [B, L, V]
     torch.testing.assert_close(forward, torch.stack(logits, 1), atol=2e-5, rtol=1e-4)
     assert lockstep.calls == stepwise.calls  # per layer and step: tokens, distinct, re-routed
@@ -337,5 +339,5 @@ def test_lockstep_forward_equals_kv_cache_decoding(family, policy, params):
 def test_lockstep_batch_must_divide_the_tokens():
     model = tiny_moe()
     with pytest.raises(ValueError, match="lockstep_batch=4 does not divide the 9 tokens"):
-        with torch.no_grad(), routing_hook(model, "oea", num_primary=1, lockstep_batch=4):
+        with torch.no_grad(), routing_hook(model, SereConfig(policy="oea", num_primary=1), lockstep_batch=4):
             model(_ids(batch=3, seq=3))

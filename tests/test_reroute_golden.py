@@ -1,4 +1,4 @@
-"""Hand-computed cases of the re-routing rule (SERE_SPEC section 2), on both paths of sere.ops.
+"""Hand-computed cases of the re-routing rule (docs/spec.md §6), on both paths of sere.ops.
 
 Layouts: rows are tokens, columns slots; `|` separates the S primary slots from the secondaries.
 Stats are in STAT_FIELDS order: [distinct_before, distinct_after, |P|, rerouted, critical].

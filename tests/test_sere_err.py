@@ -1,10 +1,11 @@
-"""The error-aware policy `sere-err` against hand cases and a loop-by-loop transcription."""
+"""The error-aware policy `sere-err` against hand cases and the plain-loop oracle of tests/oracle.py."""
 
 import math
 
 import pytest
 import torch
 
+import oracle
 from sere.reference import primary_mask, sere_err_reference
 
 
@@ -45,40 +46,6 @@ def test_ties_go_to_the_lowest_primary():
     assert new_ids.tolist() == [[3, 1], [1, 1]]
 
 
-def by_hand(ids, weights, error, num_primary, tolerance, keep_cost, max_distinct, renormalize):
-    primaries = sorted({row[s] for row in ids for s in range(num_primary)})
-    decisions = {}
-    for t, row in enumerate(ids):
-        for s in range(num_primary, len(row)):
-            e = row[s]
-            if e in primaries:
-                continue
-            best = min(primaries, key=lambda p: (float(error[e, p]), p))
-            c = float(error[e, best])
-            decisions[t, s] = (best, c, weights[t][s] * min(c, 1.0))
-    critical = {k for k, (_, _, cost) in decisions.items() if cost > keep_cost}
-    if max_distinct is not None:
-        mass = {}
-        for t, s in critical:
-            mass[ids[t][s]] = mass.get(ids[t][s], 0.0) + decisions[t, s][2]
-        ranked = sorted(range(len(error)), key=lambda e: (-mass.get(e, 0.0), e))
-        allowed = set(ranked[: max(0, max_distinct - len(primaries))])
-        critical = {k for k in critical if ids[k[0]][k[1]] in allowed}
-    out_ids = [list(r) for r in ids]
-    out_w = [list(r) for r in weights]
-    for (t, s), (best, c, _) in decisions.items():
-        if (t, s) in critical:
-            continue
-        if c < tolerance:
-            out_ids[t][s] = best
-        else:
-            out_ids[t][s] = ids[t][0]
-            out_w[t][s] = 0.0
-    if renormalize:
-        out_w = [[w * sum(orig) / sum(new) for w in new] for orig, new in zip(weights, out_w)]
-    return out_ids, out_w
-
-
 @pytest.mark.parametrize("seed", range(5))
 @pytest.mark.parametrize("tolerance", [0.3, 0.8, 1.0])
 @pytest.mark.parametrize("keep_cost, max_distinct", [(math.inf, None), (0.05, None), (0.05, 6)])
@@ -90,7 +57,7 @@ def test_reference_equals_loop_transcription(seed, tolerance, keep_cost, max_dis
     error = (torch.rand(16, 16, generator=gen) * 1.4 * 8).floor() / 8  # quantised: frequent ties
     error.fill_diagonal_(0.0)
     new_ids, new_w = sere_err_reference(ids, weights, error, 2, tolerance, keep_cost, max_distinct, renormalize)
-    want_ids, want_w = by_hand(ids.tolist(), weights.tolist(), error, 2, tolerance, keep_cost, max_distinct, renormalize)
+    want_ids, want_w, _, _ = oracle.sere_err(ids, weights, error, 2, tolerance, keep_cost, max_distinct, renormalize)
     assert new_ids.tolist() == want_ids
     torch.testing.assert_close(new_w, torch.tensor(want_w))
     experts = set(new_ids[new_w > 0].tolist()) | set(primary_mask(ids, 16, 2).nonzero().flatten().tolist())
@@ -139,8 +106,6 @@ def test_refill_by_hand():
 def test_refill_without_substitutes_is_oea(seed):
     """With no substitute below tolerance, nothing kept, and renormalisation, sere-err + refill
     is OEA: the same experts with the same weights for every token."""
-    from sere.reference import oea_reference
-
     gen = torch.Generator().manual_seed(seed)
     scores = (torch.randn(24, 32, generator=gen) * 2).softmax(1)
     weights, ids = scores.topk(8, dim=1)
@@ -148,7 +113,8 @@ def test_refill_without_substitutes_is_oea(seed):
     error = torch.rand(32, 32, generator=gen).fill_diagonal_(0.0)
     for s in (1, 2, 4):
         got = sere_err_reference(ids, weights, error, s, tolerance=1e-9, renormalize=True, router_scores=scores)
-        _assert_same_routing(got, oea_reference(ids, weights, scores, s))
+        want = oracle.oea(ids, weights, scores, s)
+        _assert_same_routing(got, (torch.tensor(want.ids), torch.tensor(want.weights)))
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -157,8 +123,12 @@ def test_refill_keeps_decisions_and_the_budget(seed):
     scores = (torch.randn(8, 32, generator=gen) * 2).softmax(1)  # |P| <= 8 tokens < budget 12
     weights, ids = scores.topk(8, dim=1)
     error = (0.4 + torch.rand(32, 32, generator=gen)).fill_diagonal_(0.0)  # some substitutes, many drops
-    plain = sere_err_reference(ids, weights, error, 1, 0.5, keep_cost=0.0, max_distinct=12)
+    plain = oracle.sere_err(ids, weights, error, 1, 0.5, keep_cost=0.0, max_distinct=12)
+    plain = (torch.tensor(plain.ids), torch.tensor(plain.weights))
     refilled = sere_err_reference(ids, weights, error, 1, 0.5, keep_cost=0.0, max_distinct=12, router_scores=scores)
+    want = oracle.sere_err(ids, weights, error, 1, 0.5, keep_cost=0.0, max_distinct=12, router_scores=scores)
+    assert refilled[0].tolist() == want.ids
+    torch.testing.assert_close(refilled[1], torch.tensor(want.weights, dtype=torch.float32))
     dropped = plain[1] == 0
     # every slot that was not dropped is unchanged; refilled slots use loaded experts only
     assert torch.equal(refilled[0][~dropped], plain[0][~dropped])

@@ -50,7 +50,9 @@ def app_args(**overrides) -> dict:
         "sere": {"policy": "sere", "num_primary": 2},
         "engine": {"max_model_len": MAX_MODEL_LEN, "max_num_seqs": 16, "kv_cache_gib": 0.25},
         "placement": {"bundles": [{"CPU": 0.5}]},
-        "replica": {"num_cpus": 0.25, "env_vars": {"SERE_RAY_METRICS_INTERVAL_S": "1"}},
+        # max_surge_percent 100: a rollout starts the new engine before the old one stops.
+        "replica": {"num_cpus": 0.25, "max_surge_percent": 100,
+                    "env_vars": {"SERE_RAY_METRICS_INTERVAL_S": "1"}},
         "ingress": {"num_cpus": 0.1, "api_key": API_KEY},
     }
     args.update(overrides)

@@ -1,4 +1,4 @@
-"""Calibration of the substitution error sidecar (SERE_SPEC section 5): brute force, twin
+"""Calibration of the substitution error sidecar (docs/spec.md §9): brute force, twin
 experts, streaming, and the CLI."""
 
 import pytest

@@ -242,7 +242,7 @@ def test_sere_err_refuses_a_similarity_sidecar(tmp_path):
     sim = _similarity()
     save_sidecar(tmp_path / "s.safetensors", {0: sim}, metric="cosine", num_tokens=1, model_id="m", num_experts=E)
     with pytest.raises(ValueError, match="policy 'sere-err' needs a substitution_error sidecar"):
-        plugin._sidecar(tmp_path / "s.safetensors", E, "sere-err")
+        plugin._sidecar(tmp_path / "s.safetensors", E, SereConfig(policy="sere-err"))
 
 
 def test_hook_leaves_prefill_alone_and_counts_it():
@@ -281,8 +281,8 @@ def test_configure_switches_policy_and_checks_the_model():
     router = _routers()["softmax"]
     hook, _ = _hooked(router, policy="topk")
     hook.configure(SereConfig(policy="sere", num_primary=3, threshold=0.4))
-    assert (hook.policy, hook.num_primary, hook.threshold) == ("sere", 3, 0.4)
-    assert hook.similarity is not None
+    assert (hook.cfg.policy, hook.cfg.num_primary, hook.route.threshold) == ("sere", 3, 0.4)
+    assert torch.equal(hook.matrix, _similarity())  # loaded into the persistent buffer
     with pytest.raises(ValueError, match="num_primary=8"):
         hook.configure(SereConfig(policy="sere", num_primary=8))
 

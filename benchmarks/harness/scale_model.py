@@ -17,9 +17,9 @@ import torch
 
 from sere.ep.accounting import traffic
 from sere.ep.placement import ExpertPlacement, make_placement
-from sere.ep.policy import RoutingPolicy, apply_policy
 from benchmarks.harness.traces import RoutingTrace
-from sere.reference import primary_mask
+from sere import policy as policies
+from sere.config import SereConfig
 
 __all__ = ["StepSample", "simulate_step", "sample_steps", "scale_sweep"]
 
@@ -35,23 +35,21 @@ class StepSample:
 
 
 def simulate_step(
-    step: StepSample, placement: ExpertPlacement, policy: RoutingPolicy, similarity: torch.Tensor | None,
+    step: StepSample, placement: ExpertPlacement, cfg: SereConfig, matrix: torch.Tensor | None,
     row_bytes: int,
 ) -> dict[str, float]:
-    """Counts of one step under `policy` (plain floats)."""
-    ids, weights = step.topk_ids, step.topk_weights
-    if policy.name != "topk":
-        if policy.scope == "rank":
-            new = torch.empty_like(ids)
-            for rank in step.src_rank.unique().tolist():
-                mine = step.src_rank == rank
-                primary = primary_mask(ids[mine], placement.num_experts, policy.num_primary)
-                new[mine] = apply_policy(policy, ids[mine], weights[mine], placement, primary, similarity,
-                                         step.router_probs[mine])[0]
-            ids = new
-        else:
-            primary = primary_mask(ids, placement.num_experts, policy.num_primary)  # [E] OR over all ranks
-            ids = apply_policy(policy, ids, weights, placement, primary, similarity, step.router_probs)[0]
+    """Counts of one step under `cfg` (plain floats); every step is treated as decode-sized."""
+    ids = step.topk_ids
+    groups = step.src_rank.unique().tolist() if cfg.scope == "rank" else [None]  # whose tokens share P
+    if cfg.policy != "topk":
+        new = torch.empty_like(ids)
+        for rank in groups:
+            mine = torch.ones_like(step.src_rank, dtype=torch.bool) if rank is None else step.src_rank == rank
+            routed = policies.route(cfg, ids[mine], step.topk_weights[mine], num_experts=placement.num_experts,
+                                    matrix=matrix, router_scores=step.router_probs[mine], placement=placement,
+                                    step_tokens=1)
+            new[mine] = routed.ids
+        ids = new
     t = traffic(ids, step.src_rank, placement, row_bytes)
     seen = torch.zeros(placement.num_experts, dtype=torch.bool)
     seen[ids.reshape(-1)] = True
@@ -103,23 +101,24 @@ def sample_steps(trace: RoutingTrace, layer: int, batch: int, world_size: int, n
 
 def scale_sweep(
     trace: RoutingTrace, similarity: dict[int, torch.Tensor], ep_sizes: list[int], batches: list[int],
-    policies: list[RoutingPolicy], ranks_per_node: int = 8, placement_kind: str = "linear",
+    configs: dict[str, SereConfig], ranks_per_node: int = 8, placement_kind: str = "linear",
     dtype_bytes: int = 2, num_steps: int = 4, batch_scope: str = "group",
 ) -> list[dict]:
-    """One record per (ep_size, batch, policy), averaged over layers and steps."""
+    """One record per (ep_size, batch, config), averaged over layers and steps; `configs` maps a
+    label (the records' `policy`) to its SereConfig."""
     records = []
     row_bytes = trace.hidden_size * dtype_bytes
     for ep_size in ep_sizes:
         placement = make_placement(placement_kind, trace.num_experts, ep_size, min(ranks_per_node, ep_size))
         for batch in batches:
             samples = {layer: sample_steps(trace, layer, batch, ep_size, num_steps, batch_scope) for layer in trace.layers}
-            for policy in policies:
-                rows = [simulate_step(step, placement, policy, similarity.get(layer), row_bytes)
+            for label, cfg in configs.items():
+                rows = [simulate_step(step, placement, cfg, similarity.get(layer), row_bytes)
                         for layer in trace.layers for step in samples[layer]]
                 mean = {key: sum(r[key] for r in rows) / len(rows) for key in rows[0]}
                 mean["max_distinct_experts_per_rank_worst_step"] = max(r["max_distinct_experts_per_rank"] for r in rows)
                 records.append({
-                    "policy": policy.label, "ep_size": ep_size, "num_nodes": placement.num_nodes,
+                    "policy": label, "ep_size": ep_size, "num_nodes": placement.num_nodes,
                     "ranks_per_node": min(ranks_per_node, ep_size), "batch": batch, "batch_scope": batch_scope,
                     "num_experts": trace.num_experts, "hidden_size": trace.hidden_size,
                     "dtype_bytes": dtype_bytes, "trace": trace.source, "placement": placement_kind,

@@ -1,4 +1,4 @@
-"""Exact dispatch accounting for expert parallelism (SERE_SPEC sections 5 and 6).
+"""Exact dispatch accounting for expert parallelism (docs/spec.md; units: docs/ep_backends.md).
 
 Shape legend:
     N  tokens of the whole EP group in one step (each token lives on one source rank)
@@ -19,7 +19,10 @@ import torch
 
 from sere.ep.placement import ExpertPlacement
 
-__all__ = ["Traffic", "traffic", "brute_force_traffic"]
+__all__ = [
+    "BACKEND_UNITS", "CROSS_NODE_FIELD", "Traffic", "UNITS", "UNIT_FIELDS", "brute_force_traffic",
+    "eplb_physical_ids", "merge_duplicate_slots", "traffic", "unit_bytes", "unit_counts",
+]
 
 
 @dataclass(frozen=True)
@@ -140,3 +143,129 @@ def brute_force_traffic(
         "cross_node_bytes_hier": cross_pairs * row_bytes,
         "distinct_per_rank": [len(s) for s in computed],
     }
+
+
+# ---------------------------------------------------------------- per all-to-all backend unit
+#
+# What each vLLM 0.32 all-to-all backend moves per step (docs/ep_backends.md cites the code):
+#   token_expert  one row per valid (token, slot): DeepEP low-latency (`deepep_low_latency`) sends a
+#                 token once per selected expert, also twice to one rank; a slot id of -1 is skipped.
+#   token_rank    one row per distinct (token, rank): DeepEP normal kernels inside one node, and
+#                 this package's gloo dispatch (`sere.ep.dispatch`).
+#   token_node    one network copy per distinct (token, remote node), forwarded inside the node
+#                 over NVLink: DeepEP normal internode kernels (`deepep_high_throughput` over RDMA).
+#   all_gather    routing-independent: `allgather_reducescatter` (vLLM's default; `naive` and `pplx`
+#                 fall back to it in 0.32) gathers every token to every rank of the group.
+UNITS = ("token_expert", "token_rank", "token_node", "all_gather")
+BACKEND_UNITS = {
+    "deepep_low_latency": "token_expert",
+    "deepep_high_throughput": "token_node",
+    "allgather_reducescatter": "all_gather",
+    "naive": "all_gather",
+    "pplx": "all_gather",
+}
+
+# The [10] int64 counts of `unit_counts`, in this order. "remote": another rank; "cross_node":
+# a rank (or node) on another node than the token's own.
+UNIT_FIELDS = (
+    "token_expert_pairs", "remote_token_expert_pairs", "cross_node_token_expert_pairs",
+    "token_rank_pairs", "remote_token_rank_pairs", "cross_node_token_rank_pairs",
+    "token_node_pairs", "cross_node_token_node_pairs",
+    "all_gather_rows", "cross_node_all_gather_rows",
+)
+# The field whose rows cross a node boundary, per unit.
+CROSS_NODE_FIELD = {
+    "token_expert": "cross_node_token_expert_pairs",
+    "token_rank": "cross_node_token_rank_pairs",
+    "token_node": "cross_node_token_node_pairs",
+    "all_gather": "cross_node_all_gather_rows",
+}
+
+
+def merge_duplicate_slots(topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A token naming one expert in several slots names it once, with the summed weight.
+
+    Every repeated slot after the first becomes id -1 with weight 0 (DeepEP's "no selection",
+    also kept by vLLM's EPLB mapping); the first occurrence carries the sum. The MoE output
+    sum_k w_k * expert_k(x) is unchanged. Existing -1 slots stay as they are.
+
+    Args:
+        topk_ids: [T, K] int ids (-1 = no expert).  topk_weights: [T, K] float.
+    Returns:
+        ([T, K] ids, [T, K] weights), dtypes of the inputs.
+    """
+    top_k = topk_ids.shape[1]
+    same = topk_ids[:, :, None] == topk_ids[:, None, :]  # [T, K, K] same[t, j, i]
+    earlier = torch.ones(top_k, top_k, dtype=torch.bool, device=topk_ids.device).tril(-1)  # i < j
+    repeat = (same & earlier).any(dim=2) & (topk_ids >= 0)  # [T, K]
+    first = (same & ~torch.ones_like(earlier).triu(1)).int().argmax(dim=2)  # [T, K] first i with ids equal
+    summed = torch.zeros_like(topk_weights).scatter_add_(1, first, topk_weights)  # [T, K]
+    ids = torch.where(repeat, torch.full_like(topk_ids, -1), topk_ids)
+    weights = torch.where(repeat | (topk_ids < 0), topk_weights, summed).masked_fill(repeat, 0)
+    return ids, weights
+
+
+def eplb_physical_ids(
+    topk_ids: torch.Tensor, logical_to_physical: torch.Tensor, replica_count: torch.Tensor
+) -> torch.Tensor:
+    """vLLM 0.32's EPLB mapping of logical to physical expert ids (`base_router.py`).
+
+    Token t's replica of expert e is `((t * 2654435769) mod 2^32) mod replica_count[e]`; ids -1
+    stay -1. Args: topk_ids [T, K]; logical_to_physical [E, R] int (-1 padded);
+    replica_count [E] int. Returns [T, K] int64 physical ids.
+    """
+    ids = topk_ids.long()
+    valid = ids >= 0
+    safe = ids.clamp_min(0)
+    token = torch.arange(ids.shape[0], device=ids.device, dtype=torch.int64)[:, None]  # [T, 1]
+    replica = ((token * 2654435769) & 0xFFFFFFFF) % replica_count.long().clamp_min(1)[safe]  # [T, K]
+    physical = logical_to_physical.long()[safe, replica]
+    return torch.where(valid, physical, torch.full_like(physical, -1))
+
+
+def unit_counts(
+    topk_ids: torch.Tensor, expert_to_rank: torch.Tensor, rank_to_node: torch.Tensor, src_rank
+) -> torch.Tensor:
+    """The [10] int64 counts of UNIT_FIELDS for the ids actually dispatched, with no host sync.
+
+    Callable on a vLLM hook's ids: one rank's [T, K] ids (physical ids under EPLB, -1 = no
+    expert), the [E] expert -> rank map, the [W] rank -> node map and `src_rank` (the int rank
+    of all T tokens, or a [T] tensor). Bytes are counts x row bytes (`unit_bytes`).
+    """
+    device = topk_ids.device
+    ids = topk_ids.long()
+    num_tokens = ids.shape[0]
+    owner_of = expert_to_rank.to(device).long()
+    node_of = rank_to_node.to(device).long()
+    num_ranks, num_nodes = node_of.shape[0], int(node_of.max()) + 1 if node_of.numel() else 1
+    src = torch.as_tensor(src_rank, device=device).long().expand(num_tokens)  # [T]
+    valid = ids >= 0  # [T, K]
+    owner = owner_of[ids.clamp_min(0)]  # [T, K]
+    src_node = node_of[src]  # [T]
+    remote = valid & (owner != src[:, None])
+    cross = valid & (node_of[owner] != src_node[:, None])
+
+    token_idx = torch.arange(num_tokens, device=device)[:, None].expand_as(ids)
+    to_rank = torch.zeros(num_tokens, num_ranks + 1, dtype=torch.bool, device=device)  # [T, W+1]
+    to_rank[token_idx, torch.where(valid, owner, num_ranks)] = True  # column W collects -1 slots
+    to_rank = to_rank[:, :num_ranks]
+    to_node = torch.zeros(num_tokens, num_nodes, dtype=torch.long, device=device)  # [T, M]
+    to_node.index_add_(1, node_of, to_rank.long())
+    to_node = to_node > 0
+    other_rank = torch.arange(num_ranks, device=device)[None, :] != src[:, None]  # [T, W]
+    other_node_rank = node_of[None, :] != src_node[:, None]  # [T, W]
+    other_node = torch.arange(num_nodes, device=device)[None, :] != src_node[:, None]  # [T, M]
+    ranks_elsewhere = other_node_rank.sum(dim=1)  # [T] ranks on other nodes
+    return torch.stack([
+        valid.sum(), remote.sum(), cross.sum(),
+        to_rank.sum(), (to_rank & other_rank).sum(), (to_rank & other_node_rank).sum(),
+        to_node.sum(), (to_node & other_node).sum(),
+        torch.full_like(valid.sum(), num_tokens * num_ranks), ranks_elsewhere.sum(),
+    ]).to(torch.int64)
+
+
+def unit_bytes(counts: torch.Tensor, row_bytes: int) -> dict[str, int]:
+    """{unit: cross-node dispatch bytes} from a [10] `unit_counts` vector (one direction; the
+    combine sends as many back)."""
+    values = dict(zip(UNIT_FIELDS, counts.tolist()))
+    return {unit: values[field] * row_bytes for unit, field in CROSS_NODE_FIELD.items()}

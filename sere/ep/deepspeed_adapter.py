@@ -2,9 +2,9 @@
 
 Shape legend:  S tokens (DeepSpeed's name)   K top-k   E experts   C capacity per expert
 
-`enable_sere(moe, similarity, num_primary)` replaces `moe.deepspeed_moe.gate` (a `TopKGate`) by
-`SereTopKGate`, which calls the original gate and post-processes its top-k selection with
-`sere.reroute` before DeepSpeed dispatches. DeepSpeed 0.19's `MOELayer` asks the gate for *sparse
+`enable_sere(moe, cfg, matrix)` replaces `moe.deepspeed_moe.gate` (a `TopKGate`) by
+`SereTopKGate`, which calls the original gate and post-processes its top-k selection with the
+policy layer (`sere.policy.route`, any policy) before DeepSpeed dispatches. DeepSpeed 0.19's `MOELayer` asks the gate for *sparse
 routes* (`gate(x, used_token, sparse_routes=True, use_tutel)`), an internal 7-tuple
 
     (l_aux, capacity, num_experts, indices [K, S] int32, locations [K, S] int32, gates [K, S], exp_counts [E])
@@ -33,9 +33,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-import sere
+from sere import policy as policies
+from sere.config import SereConfig
 from sere.ep.collective import group_primary_mask
-from sere.reference import primary_mask
 
 __all__ = ["SereTopKGate", "enable_sere", "merge_duplicate_routes"]
 
@@ -55,24 +55,23 @@ def merge_duplicate_routes(topk_ids: torch.Tensor, topk_weights: torch.Tensor) -
 class SereTopKGate(nn.Module):
     """A DeepSpeed `TopKGate` whose selected experts are re-routed by SERE (see module doc)."""
 
-    def __init__(self, gate: nn.Module, similarity: torch.Tensor, num_primary: int, threshold: float = 0.0,
-                 scope: str = "ep_group"):
+    def __init__(self, gate: nn.Module, cfg: SereConfig, matrix: torch.Tensor | None = None):
         super().__init__()
         if getattr(gate, "drop_tokens", False):
             raise ValueError(
                 "SERE in DeepSpeed-MoE needs MoE(..., drop_tokens=False): with dropping on, DeepSpeed "
                 "removes over-capacity routes inside the gate, before re-routing could run"
             )
-        if not 0 < num_primary < gate.k:
-            raise ValueError(f"num_primary={num_primary} must be in [1, k={gate.k})")
         num_experts = gate.wg.weight.shape[0]
-        if similarity.shape != (num_experts, num_experts):
-            raise ValueError(f"similarity has shape {tuple(similarity.shape)}, the gate has {num_experts} experts")
-        if scope not in ("ep_group", "rank"):
-            raise ValueError(f"scope={scope!r}: choose 'ep_group' or 'rank'")
+        cfg.check_model(top_k=gate.k, num_experts=num_experts)
+        kind = policies.matrix_kind(cfg)
+        if kind is not None and (matrix is None or tuple(matrix.shape) != (num_experts, num_experts)):
+            got = None if matrix is None else tuple(matrix.shape)
+            raise ValueError(f"policy {cfg.policy!r} needs a [{num_experts}, {num_experts}] {kind} matrix, got {got}")
         self.inner = gate
-        self.num_primary, self.threshold, self.scope = num_primary, threshold, scope
-        self.register_buffer("similarity", similarity.float().contiguous(), persistent=False)
+        self.cfg = cfg
+        self.num_experts = num_experts
+        self.register_buffer("matrix", None if matrix is None else matrix.float().contiguous(), persistent=False)
         self.last_routing: tuple[torch.Tensor, torch.Tensor] | None = None  # (model's ids, dispatched ids) [S, K]
 
     # DeepSpeed's MOELayer talks to these attributes of its gate
@@ -100,13 +99,19 @@ class SereTopKGate(nn.Module):
         l_aux, _, num_experts, indices, _, gates, _ = self.inner(input, used_token, True, False)
         topk_ids = indices.t().long().contiguous()  # [S, K]; no -1: drop_tokens is off
         topk_weights = gates.t().contiguous()  # [S, K]
-        primary = primary_mask(topk_ids, num_experts, self.num_primary)  # [E]
+        primary = policies.primary_set(self.cfg, topk_ids, topk_weights, num_experts)  # [E]
         group = self.inner.ep_group
-        if self.scope == "ep_group" and group is not None and dist.get_world_size(group) > 1:
+        if self.cfg.scope == "ep_group" and group is not None and dist.get_world_size(group) > 1:
             primary = group_primary_mask(primary, group)
-        new_ids, _ = sere.reroute(topk_ids, topk_weights, self.similarity, self.num_primary, self.threshold, primary)
+        scores = None
+        if policies.needs_router_scores(self.cfg):  # DeepSpeed's top-k gate scores with a softmax
+            scores = torch.softmax(self.inner.wg(input.to(self.inner.wg.weight.dtype)).float(), dim=-1)  # [S, E]
+        new_ids, new_weights, _, _ = policies.route(
+            self.cfg, topk_ids, topk_weights, num_experts=num_experts, matrix=self.matrix, router_scores=scores,
+            primary=primary,
+        )
         self.last_routing = (topk_ids.detach(), new_ids.detach())
-        route_ids, route_gates = merge_duplicate_routes(new_ids, topk_weights)  # [S, K]
+        route_ids, route_gates = merge_duplicate_routes(new_ids, new_weights)  # [S, K]
 
         kept = route_ids >= 0
         tokens = torch.arange(route_ids.shape[0], device=route_ids.device)[:, None].expand_as(route_ids)
@@ -121,8 +126,7 @@ class SereTopKGate(nn.Module):
                 locations.t().to(torch.int32).contiguous(), route_gates.t().contiguous(), exp_counts.detach())
 
 
-def enable_sere(moe, similarity: torch.Tensor, num_primary: int, threshold: float = 0.0,
-                scope: str = "ep_group") -> SereTopKGate:
+def enable_sere(moe, cfg: SereConfig, matrix: torch.Tensor | None = None) -> SereTopKGate:
     """Swap `moe.deepspeed_moe.gate` of a `deepspeed.moe.layer.MoE` for a SereTopKGate; returns it."""
     try:
         from deepspeed.moe.layer import MoE
@@ -130,6 +134,6 @@ def enable_sere(moe, similarity: torch.Tensor, num_primary: int, threshold: floa
         raise ImportError("the DeepSpeed adapter needs deepspeed: DS_BUILD_OPS=0 pip install 'deepspeed==0.19.8'") from exc
     if not isinstance(moe, MoE):
         raise TypeError(f"expected deepspeed.moe.layer.MoE, got {type(moe).__name__}")
-    gate = SereTopKGate(moe.deepspeed_moe.gate, similarity, num_primary, threshold, scope)
+    gate = SereTopKGate(moe.deepspeed_moe.gate, cfg, matrix)
     moe.deepspeed_moe.gate = gate
     return gate

@@ -7,7 +7,7 @@ Shape legend:
     R  rows sent by this rank = distinct (token, destination rank) pairs
     Rr rows received by this rank                                   Z  slots per row = min(K, L)
 
-One step on every rank of the group (SERE_SPEC section 4):
+One step on every rank of the group (docs/spec.md §15):
   1. agree: a fixed-size all-gather of shapes, dtypes, placement and policy; any local problem or
      disagreement raises EPError on every rank (no rank is left waiting in a collective);
   2. re-route before dispatch against the primary set P of the whole group (all-reduce MAX of the
@@ -47,6 +47,7 @@ class EPStepInfo:
     """What one rank did in one step. Tensors are int64 [W] indexed by peer rank."""
 
     topk_ids: torch.Tensor  # [T, K] ids actually dispatched
+    topk_weights: torch.Tensor  # [T, K] their weights
     send_rows: torch.Tensor  # rows this rank sent to each peer (incl. itself)
     recv_rows: torch.Tensor  # rows this rank received from each peer
     row_bytes: int  # dispatch payload per row: hidden + Z (int32 id, float32 weight)
@@ -225,5 +226,5 @@ def ep_moe_forward(
     marks = [timer["start"]] + [timer[p] for p in phases]
     seconds = {p: marks[i + 1] - marks[i] for i, p in enumerate(phases)}
     seconds["total"] = marks[-1] - marks[0]
-    info = EPStepInfo(ids, send_rows, recv_rows, row_bytes, x_bytes, computed, seconds)
+    info = EPStepInfo(ids, weights, send_rows, recv_rows, row_bytes, x_bytes, computed, seconds)
     return out.to(x.dtype), info

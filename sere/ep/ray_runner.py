@@ -48,14 +48,14 @@ class _EPRank:
                         for layer, (gu, dn) in layer_weights.items()}
         return rank
 
-    def step(self, x, topk_ids, topk_weights, policy, similarity=None, router_scores=None, repeats=1, layer=0):
+    def step(self, x, topk_ids, topk_weights, cfg, matrix=None, router_scores=None, repeats=1, layer=0):
         """Run the step `repeats` times (timing); returns the last output and its counts."""
         from sere.ep.dispatch import ep_moe_forward
 
         times = []
         for _ in range(repeats):
-            out, info = ep_moe_forward(x, topk_ids, topk_weights, self.experts[layer], self.placement, policy,
-                                       similarity, router_scores)
+            out, info = ep_moe_forward(x, topk_ids, topk_weights, self.experts[layer], self.placement, cfg,
+                                       matrix, router_scores)
             times.append(info.seconds)
         return {
             "out": out, "topk_ids": info.topk_ids, "send_rows": info.send_rows.tolist(),
@@ -123,15 +123,15 @@ class RayEPRunner:
         ], timeout=timeout_s)
         self.world_size, self.ranks_per_node = world_size, ranks_per_node
 
-    def step(self, xs, topk_ids, topk_weights, policy, similarity=None, router_scores=None, repeats=1,
+    def step(self, xs, topk_ids, topk_weights, cfg, matrix=None, router_scores=None, repeats=1,
              layer=0) -> list[dict]:
         """Per-rank lists of [T_r, ...] inputs -> per-rank result dicts (see `_EPRank.step`)."""
         import ray
 
         scores = router_scores or [None] * self.world_size
-        sim_ref = ray.put(similarity) if similarity is not None else None
+        sim_ref = ray.put(matrix) if matrix is not None else None
         return ray.get([
-            actor.step.remote(xs[r], topk_ids[r], topk_weights[r], policy, sim_ref, scores[r], repeats, layer)
+            actor.step.remote(xs[r], topk_ids[r], topk_weights[r], cfg, sim_ref, scores[r], repeats, layer)
             for r, actor in enumerate(self.actors)
         ], timeout=self.timeout_s)
 

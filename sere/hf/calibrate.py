@@ -1,7 +1,7 @@
-"""Offline calibration of the expert similarity sidecar (SERE_SPEC section 3).
+"""Offline calibration of the expert similarity sidecar (docs/spec.md §14).
 
-    python -m sere.calibrate --model DIR --data PATH --metric cosine|frobenius|cka --tokens N
-        [--chunk-tokens C] [--seq-len L] [--out FILE]
+    sere calibrate --model DIR --data PATH --metric cosine|frobenius|cka --tokens N
+        [--chunk-tokens C] [--seq-len L] [--out FILE]         (or: python -m sere.calibrate ...)
 
 One forward pass over calibration text captures every MoE layer's real inputs X [N, d]. Then,
 per layer, EVERY routed expert runs on the same tokens, streamed in chunks of C tokens; only
@@ -25,24 +25,20 @@ I expert intermediate size, r = min(I, d).
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from sere.hf.moe import MoeBlock, down_matrices, expert_down, expert_hidden, find_moe_blocks
+from sere.progress import Progress, log, progress
 from sere.sidecars import SIDECAR_NAME, save_sidecar
 
 __all__ = ["METRICS", "read_text", "load_model", "tokenize", "capture_layer_inputs",
-           "parse_calibration_args", "load_calibration", "save_calibration", "similarity_matrix",
+           "parse_calibration_args", "add_model_and_data_args", "load_calibration", "save_calibration", "similarity_matrix",
            "calibrate", "main"]
 
 METRICS = ("cosine", "frobenius", "cka")
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def read_text(path: str | Path, max_chars: int | None = None) -> str:
@@ -107,19 +103,40 @@ def parse_calibration_args(
 ) -> argparse.Namespace:
     """Adds the options shared by the calibration CLIs after the caller's own (--tokens, --chunk-tokens,
     --seq-len, --batch-size, --out, --threads), parses `argv`, applies --threads, checks the counts."""
-    parser.add_argument("--tokens", type=int, default=16384, help="calibration tokens N")
-    parser.add_argument("--chunk-tokens", type=int, default=chunk_tokens, help="tokens per expert chunk")
-    parser.add_argument("--seq-len", type=int, default=512, help="window length of the forward pass")
-    parser.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
-    parser.add_argument("--out", help=f"sidecar file (default: MODEL/{sidecar_name})")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--tokens", type=int, default=16384, metavar="N",
+                        help="calibration tokens read from the start of --data, >= 1 (default: %(default)s); "
+                             "rounded down to whole --seq-len windows; a shorter text is used whole, with a note")
+    parser.add_argument("--chunk-tokens", type=int, default=chunk_tokens, metavar="C",
+                        help="tokens run through every expert at once, >= 1 (default: %(default)s); memory "
+                             "grows as experts x C x hidden size floats, the result does not depend on it")
+    parser.add_argument("--seq-len", type=int, default=512, metavar="L",
+                        help="tokens per window of the forward pass that captures the MoE layers' inputs, "
+                             ">= 1 (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=8, metavar="B",
+                        help="windows per capture forward pass, >= 1 (default: %(default)s); larger is "
+                             "faster and needs more memory")
+    parser.add_argument("--out", metavar="FILE",
+                        help=f"sidecar file to write (default: MODEL/{sidecar_name}, where serving looks for it)")
+    parser.add_argument("--threads", type=int, metavar="T",
+                        help="torch CPU threads, >= 1 (default: torch's choice, about one per core)")
     args = parser.parse_args(argv)
+    for flag in ("tokens", "chunk_tokens", "seq_len", "batch_size", "threads"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    for flag in ("tokens", "chunk_tokens", "seq_len", "batch_size"):
-        if getattr(args, flag) < 1:
-            parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     return args
+
+
+def add_model_and_data_args(parser: argparse.ArgumentParser) -> None:
+    """--model and --data, the inputs of both calibration CLIs."""
+    parser.add_argument("--model", required=True, metavar="DIR",
+                        help="Hugging Face model directory (config.json, weights, tokenizer) of a supported "
+                             "MoE family: Qwen2/3-MoE, Mixtral, OLMoE, DeepSeek-V2/V3")
+    parser.add_argument("--data", required=True, metavar="PATH",
+                        help="calibration text: a UTF-8 file, or a folder whose text files are read in "
+                             "sorted order (files that are not UTF-8 are skipped)")
 
 
 def load_calibration(args: argparse.Namespace, tag: str) -> tuple[nn.Module, list[MoeBlock], torch.Tensor]:
@@ -180,9 +197,10 @@ def capture_layer_inputs(
         handles.append(b.block.register_forward_pre_hook(pre_hook))
         handles.append(b.router.register_forward_hook(router_hook))
     try:
-        for start in range(0, windows.shape[0], batch_size):
-            model(input_ids=windows[start : start + batch_size], use_cache=False)
-            log(f"[capture] windows {min(start + batch_size, windows.shape[0])}/{windows.shape[0]}")
+        with Progress(windows.shape[0], "[capture] forward pass", unit="window") as bar:
+            for start in range(0, windows.shape[0], batch_size):
+                model(input_ids=windows[start : start + batch_size], use_cache=False)
+                bar.update(min(batch_size, windows.shape[0] - start))
     finally:
         for handle in handles:
             handle.remove()
@@ -211,7 +229,7 @@ def similarity_matrix(
         sim = _cka(block, x, chunks, cka_memory_bytes, name)
     else:
         gram = torch.zeros(num_experts, num_experts, dtype=torch.float64)
-        for k, (s, e) in enumerate(chunks):
+        for s, e in progress(chunks, desc=name, unit="chunk", leave=False, every=0.25):
             y = expert_down(block, expert_hidden(block, x[s:e]))  # [E, C, d]
             if metric == "cosine":
                 y = y / y.norm(dim=-1, keepdim=True).clamp_min(1e-12)
@@ -220,7 +238,6 @@ def similarity_matrix(
             else:
                 flat = y.flatten(1).double()
                 gram += flat @ flat.T
-            _progress(name, k, len(chunks))
         if metric == "cosine":
             sim = (gram / num_tokens + 1.0) / 2.0
         else:
@@ -232,11 +249,6 @@ def similarity_matrix(
     sim = sim.float().clamp(0.0, 1.0)
     sim.fill_diagonal_(1.0)
     return sim
-
-
-def _progress(name: str, k: int, total: int) -> None:
-    if k + 1 == total or (k + 1) % max(1, total // 4) == 0:
-        log(f"{name}: chunk {k + 1}/{total}")
 
 
 def _cka(block: MoeBlock, x, chunks, memory_bytes: int, name: str) -> torch.Tensor:
@@ -261,12 +273,12 @@ def _cka(block: MoeBlock, x, chunks, memory_bytes: int, name: str) -> torch.Tens
     for p0 in range(0, num_experts, rows):
         p1 = min(num_experts, p0 + rows)
         cross = torch.zeros((p1 - p0) * r, width, dtype=torch.float64)  # rows [p0, p1) of Z^T Z
-        for k, (s, e) in enumerate(chunks):
+        for s, e in progress(chunks, desc=f"{name} rows {p0}-{p1 - 1}", unit="chunk", leave=False,
+                             every=0.25):
             z = features(s, e) - shift  # [C, E*r]
             cross += (z[:, p0 * r : p1 * r].T @ z).double()
             if p0 == 0:
                 col_sum += z.sum(0).double()
-            _progress(f"{name} rows {p0}-{p1 - 1}", k, len(chunks))
         mean = col_sum / num_tokens
         cross -= num_tokens * torch.outer(mean[p0 * r : p1 * r], mean)  # centred: Zc^T Zc
         blocks = cross.view(p1 - p0, r, num_experts, r).permute(0, 2, 1, 3)  # [P, E, r, r]
@@ -293,17 +305,27 @@ def calibrate(
     blocks = find_moe_blocks(model)
     captured = capture_layer_inputs(model, blocks, token_ids, seq_len, batch_size)
     matrices = {}
-    for i, b in enumerate(blocks):
-        log(f"[calibrate] layer {b.layer_idx} ({i + 1}/{len(blocks)}): {b.num_experts} experts")
+    for b in progress(blocks, desc=f"[calibrate] {metric}", unit="layer"):
         matrices[b.layer_idx] = similarity_matrix(b, captured[b.layer_idx][0], metric, chunk_tokens)
     return matrices, captured[blocks[0].layer_idx][0].shape[0]
 
 
-def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(prog="python -m sere.calibrate", description=__doc__.split("\n")[0])
-    parser.add_argument("--model", required=True, help="Hugging Face model directory")
-    parser.add_argument("--data", required=True, help="calibration text: a file or a folder")
-    parser.add_argument("--metric", choices=METRICS, default="cosine")
+def main(argv: list[str] | None = None, prog: str = "python -m sere.calibrate") -> Path:
+    """`sere calibrate` (`prog` names it in usage and errors); returns the sidecar's path."""
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Calibrate the expert similarity sidecar that policy `sere` reads: one forward pass\n"
+                    "captures every MoE layer's inputs, then every routed expert runs on them and each\n"
+                    "pair of experts is compared on the same tokens.",
+        epilog=f"example:\n  {prog} --model models/tiny-moe --data models/tiny-moe/calib.txt --tokens 32768",
+    )
+    add_model_and_data_args(parser)
+    parser.add_argument("--metric", choices=METRICS, default="cosine",
+                        help="how two experts' outputs on the same tokens are compared, giving a similarity "
+                             "in [0, 1]: cosine = mean per-token cosine, rescaled; frobenius = 1 - distance "
+                             "between the output matrices / the layer's largest distance; cka = linear CKA "
+                             "of the centred outputs (default: %(default)s)")
     args = parse_calibration_args(parser, argv, chunk_tokens=512, sidecar_name=SIDECAR_NAME)
 
     torch.manual_seed(0)

@@ -1,10 +1,11 @@
-"""Quality of re-routing under lock-step batch decoding (SERE_SPEC section 6).
+"""Quality of re-routing under lock-step batch decoding (docs/spec.md §16).
 
-    python -m sere.evaluate --model DIR --text PATH --batch-size 1 8 32 --policy sere oea \
+    sere evaluate --model DIR --text PATH --batch-size 1 8 32 --policy sere oea \
         [--num-primary S ...] [--threshold R ... | --threshold-quantile Q ...] [--similarity FILE] \
         [--seq-len L] [--num-batches N | --num-sequences M] --json OUT [--png OUT]
-    python -m sere.evaluate ... --policy sere-err [--error FILE] [--tolerance T ...] [--keep-cost C]
+    sere evaluate ... --policy sere-err [--error FILE] [--tolerance T ...] [--keep-cost C]
         [--max-distinct M] [--renormalize]
+    (or: python -m sere.evaluate ...)
 
 B held-out sequences of L+1 tokens are decoded together, teacher-forced, one token per sequence
 per step with a KV cache, so every MoE layer re-routes across the B tokens of each step (the
@@ -21,53 +22,26 @@ import argparse
 import json
 import math
 import statistics
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from sere.config import SereConfig
 from sere.hf.calibrate import load_model, log, tokenize
 from sere.hf.moe import find_moe_blocks, routing_hook
+from sere.policy import POLICIES, label, matrix_kind
+from sere.progress import Progress
 from sere.sidecars import SIDECAR_NAME, load_sidecar
 from sere.hf.substitution import ERROR_SIDECAR_NAME
 
-__all__ = ["DEFAULT_OPERATING_POINT", "Setting", "make_batches", "decode_lockstep", "evaluate", "main"]
+__all__ = ["DEFAULT_OPERATING_POINT", "hook_tables", "make_batches", "decode_lockstep", "evaluate", "main"]
 
 # Chosen on models/tiny-moe (64 experts, top-8; benchmarks/results/evaluate_tiny_moe*.json):
 # S = K/2 = 4 costs <= +1.1% perplexity at batch >= 8 with 61-95% of topk's distinct experts,
 # S = 2 costs +3.6..8.5% at batch 8-32; a threshold (rho as the 0.9 similarity quantile) kept
 # more experts without beating plain S at equal distinct experts, so rho = 0.
 DEFAULT_OPERATING_POINT = {"num_primary": 4, "threshold": 0.0}
-
-
-@dataclass(frozen=True)
-class Setting:
-    """One policy configuration; `threshold` is per layer when given as a quantile."""
-
-    policy: str
-    num_primary: int | None = None
-    threshold: float = 0.0
-    threshold_quantile: float | None = None
-    tolerance: float = 1.0  # sere-err only, from here on
-    keep_cost: float = math.inf
-    max_distinct: int | None = None
-    renormalize: bool = False
-    refill: bool = False
-
-    def label(self) -> str:
-        if self.policy == "topk":
-            return "topk"
-        if self.policy == "sere-err":
-            extra = "" if self.keep_cost == math.inf else f" keep={self.keep_cost}"
-            extra += "" if self.max_distinct is None else f" max={self.max_distinct}"
-            extra += " renorm" if self.renormalize else ""
-            extra += " refill" if self.refill else ""
-            return f"sere-err S={self.num_primary} tol={self.tolerance}{extra}"
-        if self.policy == "oea":
-            return f"oea S={self.num_primary}"
-        rho = f"q={self.threshold_quantile}" if self.threshold_quantile is not None else f"rho={self.threshold}"
-        return f"sere S={self.num_primary} {rho}"
 
 
 def make_batches(token_ids: torch.Tensor, batch_size: int, seq_len: int, num_batches: int) -> list[torch.Tensor]:
@@ -88,10 +62,25 @@ def make_batches(token_ids: torch.Tensor, batch_size: int, seq_len: int, num_bat
     return [windows[i * batch_size : (i + 1) * batch_size] for i in range(count)]
 
 
-@torch.no_grad()
-def decode_lockstep(model: nn.Module, batch: torch.Tensor, setting: Setting, similarity=None, error=None):
-    """Teacher-forced lock-step decoding of `batch` [B, L+1] under `setting`.
+def hook_tables(cfg: SereConfig, sidecars: dict) -> dict:
+    """routing_hook's `matrices` and `thresholds` for `cfg` from {matrix kind: Sidecar}."""
+    kind = matrix_kind(cfg)
+    if kind is None:
+        return {}
+    if kind not in sidecars:
+        raise ValueError(f"policy {cfg.policy!r} needs a {kind} sidecar; none was loaded")
+    sidecar = sidecars[kind]
+    thresholds = None
+    if cfg.threshold_quantile is not None:
+        thresholds = {layer: sidecar.threshold_for(layer, cfg.threshold_quantile) for layer in sidecar.matrices}
+    return {"matrices": sidecar.matrices, "thresholds": thresholds}
 
+
+@torch.no_grad()
+def decode_lockstep(model: nn.Module, batch: torch.Tensor, cfg: SereConfig, sidecars: dict | None = None):
+    """Teacher-forced lock-step decoding of `batch` [B, L+1] under `cfg`.
+
+    `sidecars`: {matrix kind: Sidecar} ("similarity", "substitution_error") as `cfg` needs.
     Returns:
         (log-probs [B, L, V] float32 of the next token at each step, mean distinct experts per
         layer per step, fraction of slots re-routed).
@@ -99,18 +88,8 @@ def decode_lockstep(model: nn.Module, batch: torch.Tensor, setting: Setting, sim
     from transformers import DynamicCache
 
     num_steps = batch.shape[1] - 1
-    threshold = setting.threshold
-    if setting.threshold_quantile is not None:
-        threshold = {layer: similarity.threshold_for(layer, setting.threshold_quantile)
-                     for layer in similarity.matrices}
     out_steps = []
-    with routing_hook(
-        model, setting.policy, num_primary=setting.num_primary, threshold=threshold,
-        similarity=similarity.matrices if similarity is not None else None,
-        error=error.matrices if error is not None else None, tolerance=setting.tolerance,
-        keep_cost=setting.keep_cost, max_distinct=setting.max_distinct, renormalize=setting.renormalize,
-        refill=setting.refill,
-    ) as record:
+    with routing_hook(model, cfg, **hook_tables(cfg, sidecars or {})) as record:
         cache = DynamicCache(config=model.config)
         for t in range(num_steps):
             out = model(input_ids=batch[:, t : t + 1], past_key_values=cache, use_cache=True)
@@ -132,32 +111,35 @@ def evaluate(
     model: nn.Module,
     token_ids: torch.Tensor,
     batch_sizes: list[int],
-    settings: list[Setting],
+    settings: list[SereConfig],
     *,
     seq_len: int = 64,
     num_batches: int | None = 1,
     num_sequences: int | None = None,
-    similarity=None,
-    error=None,
+    sidecars: dict | None = None,
 ) -> list[dict]:
     """One record per (setting, batch size), topk first. See module docstring."""
     records = []
-    all_settings = [Setting("topk")] + [s for s in settings if s.policy != "topk"]
-    for bs in batch_sizes:
-        count = num_batches if num_sequences is None else max(1, num_sequences // bs)
-        batches = make_batches(token_ids, bs, seq_len, count)
+    all_settings = [SereConfig(policy="topk")] + [s for s in settings if s.policy != "topk"]
+    # every batch size's batches first: the progress total, and a too-short text fails before any work
+    planned = [(bs, make_batches(token_ids, bs, seq_len,
+                                 num_batches if num_sequences is None else max(1, num_sequences // bs)))
+               for bs in batch_sizes]
+    total_tokens = sum(len(batches) * bs * seq_len for bs, batches in planned) * len(all_settings)
+    bar = Progress(total_tokens, "[evaluate] lock-step decode", unit="token")
+    for bs, batches in planned:
         per = {s: {"nll": [], "kl": [], "agreement": [], "distinct": [], "rerouted": []} for s in all_settings}
-        for k, batch in enumerate(batches):
+        for batch in batches:
             targets = batch[:, 1:]
             ref = None
             for s in all_settings:
-                logp, distinct, rerouted = decode_lockstep(model, batch, s, similarity, error)
+                logp, distinct, rerouted = decode_lockstep(model, batch, s, sidecars)
+                bar.update(bs * seq_len)
                 ref = logp if ref is None else ref
                 for key, value in _batch_metrics(logp, ref, targets).items():
                     per[s][key].append(value)
                 per[s]["distinct"].append(distinct)
                 per[s]["rerouted"].append(rerouted)
-            log(f"[evaluate] batch size {bs}: batch {k + 1}/{len(batches)} done")
         base = per[all_settings[0]]
         base_ppl = math.exp(statistics.fmean(base["nll"]))
         base_distinct = statistics.fmean(base["distinct"])
@@ -167,11 +149,11 @@ def evaluate(
             distinct = statistics.fmean(m["distinct"])
             batch_ppl = [math.exp(v) for v in m["nll"]]
             records.append({
-                "policy": s.policy, "label": s.label(), "batch_size": bs,
-                "num_primary": s.num_primary, "threshold": s.threshold,
+                "policy": s.policy, "label": label(s), "batch_size": bs,
+                "num_primary": s.num_primary if s.policy != "topk" else None, "threshold": s.threshold,
                 "threshold_quantile": s.threshold_quantile, "tolerance": s.tolerance,
-                "keep_cost": s.keep_cost if s.keep_cost != math.inf else None,
-                "max_distinct": s.max_distinct, "renormalize": s.renormalize, "refill": s.refill,
+                "keep_cost": s.keep_cost, "max_distinct": s.max_distinct, "renormalize": s.renormalize,
+                "refill": s.refill,
                 "num_tokens": len(batches) * bs * seq_len, "num_batches": len(batches), "seq_len": seq_len,
                 "perplexity": ppl, "perplexity_change": ppl / base_ppl - 1.0,
                 "agreement": statistics.fmean(m["agreement"]), "kl": statistics.fmean(m["kl"]),
@@ -187,6 +169,7 @@ def evaluate(
                                   "distinct_experts": m["distinct"]},
                 },
             })
+    bar.close()
     return records
 
 
@@ -221,7 +204,9 @@ def plot(records: list[dict], path: str | Path, title: str = "") -> None:
     plt.close(fig)
 
 
-def _settings(args, top_k: int) -> list[Setting]:
+def _settings(args, top_k: int) -> list[SereConfig]:
+    """The SereConfigs of the command line's cross product (policy x S x threshold/tolerance)."""
+    common = {"max_decode_tokens": max(256, *args.batch_size)}  # every evaluated step is decode
     settings = []
     for policy in dict.fromkeys(args.policy):
         if policy == "topk":
@@ -229,49 +214,106 @@ def _settings(args, top_k: int) -> list[Setting]:
         for s in args.num_primary:
             if not 0 < s < top_k:
                 raise SystemExit(f"--num-primary {s} must be in [1, top_k={top_k})")
+            base = {**common, "policy": policy, "num_primary": s}
             if policy == "oea":
-                settings.append(Setting("oea", s))
+                settings.append(SereConfig(**base))
             elif policy == "sere-err":
-                settings += [Setting("sere-err", s, tolerance=t, keep_cost=args.keep_cost,
-                                     max_distinct=args.max_distinct, renormalize=args.renormalize,
-                                     refill=args.refill)
+                settings += [SereConfig(**base, tolerance=t, keep_cost=args.keep_cost, max_distinct=args.max_distinct,
+                                        renormalize=args.renormalize, refill=args.refill)
                              for t in args.tolerance]
             elif args.threshold_quantile:
-                settings += [Setting("sere", s, 0.0, q) for q in args.threshold_quantile]
+                settings += [SereConfig(**base, threshold_quantile=q) for q in args.threshold_quantile]
             else:
-                settings += [Setting("sere", s, r) for r in args.threshold]
+                settings += [SereConfig(**base, threshold=r) for r in args.threshold]
     return settings
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(prog="python -m sere.evaluate", description=__doc__.split("\n")[0])
-    parser.add_argument("--model", required=True, help="Hugging Face model directory")
-    parser.add_argument("--text", required=True, help="held-out text: a file or a folder")
-    parser.add_argument("--batch-size", type=int, nargs="+", required=True)
-    parser.add_argument("--policy", nargs="+", choices=("topk", "sere", "oea", "sere-err"), default=["sere"])
-    parser.add_argument("--num-primary", type=int, nargs="+", default=[DEFAULT_OPERATING_POINT["num_primary"]])
-    parser.add_argument("--threshold", type=float, nargs="+", default=[DEFAULT_OPERATING_POINT["threshold"]])
-    parser.add_argument("--threshold-quantile", type=float, nargs="+",
-                        help="per-layer rho = this quantile of off-diagonal similarity (replaces --threshold)")
-    parser.add_argument("--similarity", help=f"sidecar file (default: MODEL/{SIDECAR_NAME})")
-    parser.add_argument("--error", help=f"sere-err substitution error sidecar (default: MODEL/{ERROR_SIDECAR_NAME})")
-    parser.add_argument("--tolerance", type=float, nargs="+", default=[1.0],
-                        help="sere-err: largest substitution error at which a substitute is used, in (0, 1]")
-    parser.add_argument("--keep-cost", type=float, default=math.inf,
-                        help="sere-err: weighted error above which a slot keeps its expert (default: never)")
-    parser.add_argument("--max-distinct", type=int, help="sere-err: budget of distinct experts per call")
+def build_parser(prog: str = "python -m sere.evaluate") -> argparse.ArgumentParser:
+    """The command line of `sere evaluate` (`prog` names it in usage and errors)."""
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Measure what re-routing costs under lock-step batch decoding: B held-out sequences\n"
+                    "are decoded together, teacher-forced, with plain topk routing first and then each\n"
+                    "policy setting, compared with topk on the same sequences: perplexity, next-token\n"
+                    "agreement, KL(topk || policy), distinct experts per layer per step.",
+        epilog=f"example:\n  {prog} --model models/tiny-moe --text models/tiny-moe/heldout.txt \\\n"
+               "      --batch-size 8 32 --policy sere oea --num-primary 2 4 --json eval.json --png eval.png",
+    )
+    parser.add_argument("--model", required=True, metavar="DIR",
+                        help="Hugging Face model directory (config.json, weights, tokenizer) of a supported "
+                             "MoE family: Qwen2/3-MoE, Mixtral, OLMoE, DeepSeek-V2/V3")
+    parser.add_argument("--text", required=True, metavar="PATH",
+                        help="held-out text: a UTF-8 file, or a folder whose text files are read in sorted "
+                             "order; cut into non-overlapping sequences of --seq-len + 1 tokens")
+    parser.add_argument("--batch-size", type=int, nargs="+", required=True, metavar="B",
+                        help="one or more batch sizes, each >= 1: B sequences are decoded in lock-step, so "
+                             "every MoE layer re-routes across B tokens per step; each B is reported apart")
+    parser.add_argument("--policy", nargs="+", choices=POLICIES, default=["sere"], metavar="POLICY",
+                        help="policies compared with topk (the model's own routing, always run first as the "
+                             "baseline): sere = substitute the most similar primary expert; oea = fill with "
+                             "experts the batch already loads, by router score; sere-err = substitute the "
+                             "primary with the lowest substitution error, or drop the slot; topk "
+                             "(default: sere)")
+    parser.add_argument("--num-primary", type=int, nargs="+", default=[DEFAULT_OPERATING_POINT["num_primary"]],
+                        metavar="S",
+                        help="primary experts per token, 1 <= S < the model's top-k: every token keeps its "
+                             "top-S experts and their union is the batch's primary set; one run per value "
+                             f"(default: {DEFAULT_OPERATING_POINT['num_primary']})")
+    parser.add_argument("--threshold", type=float, nargs="+", default=[DEFAULT_OPERATING_POINT["threshold"]],
+                        metavar="RHO",
+                        help="sere: a secondary expert whose most similar primary is less similar than RHO "
+                             "keeps its slot (a critical expert), in [0, 1]; 0 re-routes every secondary; "
+                             f"one run per value (default: {DEFAULT_OPERATING_POINT['threshold']})")
+    parser.add_argument("--threshold-quantile", type=float, nargs="+", metavar="Q",
+                        help="sere: per-layer RHO = this quantile of the layer's off-diagonal similarities, "
+                             "in [0, 1] (means the same for every metric); replaces --threshold; one run per value")
+    parser.add_argument("--similarity", metavar="FILE",
+                        help=f"similarity sidecar read by policy sere (default: MODEL/{SIDECAR_NAME}, "
+                             "written by `sere calibrate`)")
+    parser.add_argument("--error", metavar="FILE",
+                        help=f"substitution error sidecar read by policy sere-err (default: "
+                             f"MODEL/{ERROR_SIDECAR_NAME}, written by `sere substitution`)")
+    parser.add_argument("--tolerance", type=float, nargs="+", default=[1.0], metavar="T",
+                        help="sere-err: largest substitution error (relative output error; 1 = as bad as "
+                             "dropping) at which a substitute is used, in (0, 1]; a slot with no substitute "
+                             "that good is dropped; one run per value (default: 1.0)")
+    parser.add_argument("--keep-cost", type=float, default=None, metavar="C",
+                        help="sere-err: a secondary slot whose weighted error (router weight x min(error, 1)) "
+                             "is above C keeps its own expert, >= 0 (default: no slot is kept)")
+    parser.add_argument("--max-distinct", type=int, metavar="M",
+                        help="sere-err: budget of distinct experts per MoE call, primaries included, >= 1: at "
+                             "most M - |primaries| kept experts, those of largest summed cost; the others are "
+                             "approximated (default: no budget)")
     parser.add_argument("--renormalize", action="store_true",
-                        help="sere-err: rescale a token's remaining weights after a drop")
+                        help="sere-err: rescale each token's weights to their original sum after drops "
+                             "(default: off)")
     parser.add_argument("--refill", action="store_true",
-                        help="sere-err: refill dropped slots with loaded experts by router score (OEA's fill)")
-    parser.add_argument("--seq-len", type=int, default=64, help="decode steps per sequence")
+                        help="sere-err: refill dropped slots with experts the batch already loads, highest "
+                             "router score first, as OEA fills (default: off)")
+    parser.add_argument("--seq-len", type=int, default=64, metavar="L",
+                        help="decode steps per sequence, >= 1; a sequence is L + 1 tokens (default: %(default)s)")
     group = parser.add_mutually_exclusive_group()
-    group.add_argument("--num-batches", type=int, help="batches per batch size (default 1)")
-    group.add_argument("--num-sequences", type=int, help="sequences per batch size (same text for every B)")
-    parser.add_argument("--max-text-tokens", type=int, default=1_000_000)
-    parser.add_argument("--json", required=True, help="output JSON file")
-    parser.add_argument("--png", help="output figure")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    group.add_argument("--num-batches", type=int, metavar="N",
+                       help="batches per batch size, >= 1 (default: 1; fewer when the text runs out)")
+    group.add_argument("--num-sequences", type=int, metavar="M",
+                       help="sequences per batch size instead: M // B batches (at least 1) of every B, so every "
+                            "batch size sees the same text")
+    parser.add_argument("--max-text-tokens", type=int, default=1_000_000, metavar="N",
+                        help="tokens of --text read at most (default: %(default)s)")
+    parser.add_argument("--json", required=True, metavar="FILE",
+                        help="output JSON: {meta, records}, one record per (setting, batch size)")
+    parser.add_argument("--png", metavar="FILE",
+                        help="also plot perplexity change against distinct experts, one panel per batch size "
+                             "(needs matplotlib)")
+    parser.add_argument("--threads", type=int, metavar="T",
+                        help="torch CPU threads, >= 1 (default: torch's choice, about one per core)")
+    return parser
+
+
+def main(argv: list[str] | None = None, prog: str = "python -m sere.evaluate") -> list[dict]:
+    """`sere evaluate`; returns the records also written to --json."""
+    parser = build_parser(prog)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -283,7 +325,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for value in args.tolerance:
         if not 0.0 < value <= 1.0:
             parser.error(f"--tolerance must be in (0, 1], got {value}")
-    if args.keep_cost < 0 or (args.max_distinct is not None and args.max_distinct < 1):
+    if (args.keep_cost is not None and args.keep_cost < 0) or (args.max_distinct is not None and args.max_distinct < 1):
         parser.error(f"--keep-cost must be >= 0 and --max-distinct >= 1, got {args.keep_cost}, {args.max_distinct}")
 
     model, tokenizer = load_model(args.model)
@@ -292,27 +334,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
     except ValueError as exc:
         raise SystemExit(f"{args.model}: {exc}") from exc
     settings = _settings(args, blocks[0].top_k)
-    similarity = None
-    if any(s.policy == "sere" for s in settings):
-        path = args.similarity or Path(args.model) / SIDECAR_NAME
-        try:
-            similarity = load_sidecar(path, num_experts=blocks[0].num_experts,
-                                      layer_ids=[b.layer_idx for b in blocks], num_layers=len(blocks))
-        except ValueError as exc:
-            raise SystemExit(str(exc)) from exc
-    error = None
-    if any(s.policy == "sere-err" for s in settings):
-        path = args.error or Path(args.model) / ERROR_SIDECAR_NAME
-        try:
-            error = load_sidecar(path, num_experts=blocks[0].num_experts,
-                                 layer_ids=[b.layer_idx for b in blocks], num_layers=len(blocks))
-        except ValueError as exc:
-            raise SystemExit(str(exc)) from exc
+    sidecars = {}
+    for kind, path in (("similarity", args.similarity or Path(args.model) / SIDECAR_NAME),
+                       ("substitution_error", args.error or Path(args.model) / ERROR_SIDECAR_NAME)):
+        if any(matrix_kind(s) == kind for s in settings):
+            try:
+                sidecars[kind] = load_sidecar(path, num_experts=blocks[0].num_experts,
+                                              layer_ids=[b.layer_idx for b in blocks], num_layers=len(blocks))
+            except ValueError as exc:
+                raise SystemExit(str(exc)) from exc
+    similarity, error = sidecars.get("similarity"), sidecars.get("substitution_error")
     token_ids = tokenize(tokenizer, args.text, args.max_text_tokens)
     num_batches = args.num_batches if args.num_batches is not None else 1
     records = evaluate(model, token_ids, args.batch_size, settings, seq_len=args.seq_len,
-                       num_batches=num_batches, num_sequences=args.num_sequences, similarity=similarity,
-                       error=error)
+                       num_batches=num_batches, num_sequences=args.num_sequences, sidecars=sidecars)
     meta = {"model": str(args.model), "text": str(args.text),
             "similarity": str(similarity.path) if similarity else None,
             "metric": similarity.metric if similarity else None,

@@ -22,14 +22,15 @@ from __future__ import annotations
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from sere.ops import reroute, reroute_err
-from sere.reference import POLICIES, distinct_experts, oea_reference
+from sere.policy import matrix_kind, needs_router_scores, route, router_scores
+
+if TYPE_CHECKING:
+    from sere.config import SereConfig
 
 __all__ = [
     "MoeBlock",
@@ -176,10 +177,25 @@ def run_expert(block: MoeBlock, expert_id: int, x: torch.Tensor) -> torch.Tensor
     return run_experts(block, x, torch.tensor([expert_id], device=x.device))[0]
 
 
-def router_scores(block: MoeBlock, router_logits: torch.Tensor) -> torch.Tensor:
-    """[T, E] post-activation router scores (float32) from the router's logits."""
-    logits = router_logits.float().reshape(-1, block.num_experts)
-    return logits.sigmoid() if block.score_fn == "sigmoid" else logits.softmax(dim=-1)
+def _layer_matrices(blocks: list[MoeBlock], cfg, matrices) -> dict[int, torch.Tensor]:
+    """{layer: [E, E] float32 on the experts' device} of the kind cfg's policy reads, checked."""
+    kind = matrix_kind(cfg)
+    if kind is None:
+        return {}
+    kind = kind.replace("_", " ")
+    if matrices is None:
+        raise ValueError(f"policy {cfg.policy!r} needs a {kind} matrix per MoE layer")
+    tables = {}
+    for b in blocks:
+        if b.layer_idx not in matrices:
+            raise ValueError(f"no {kind} matrix for MoE layer {b.layer_idx}")
+        matrix = matrices[b.layer_idx]
+        if tuple(matrix.shape) != (b.num_experts, b.num_experts):
+            raise ValueError(
+                f"layer {b.layer_idx}: {kind} shape {tuple(matrix.shape)} does not match num_experts={b.num_experts}"
+            )
+        tables[b.layer_idx] = matrix.float().to(b.experts.gate_up_proj.device).contiguous()
+    return tables
 
 
 @dataclass
@@ -204,105 +220,48 @@ class RoutingRecord:
         return sum(c[3] for calls in self.calls.values() for c in calls)
 
 
-def _as_layer_map(value, layers: list[int], name: str) -> dict[int, float]:
-    if isinstance(value, dict):
-        missing = [layer for layer in layers if layer not in value]
-        if missing:
-            raise ValueError(f"{name} has no entry for MoE layers {missing}")
-        return {layer: float(value[layer]) for layer in layers}
-    return {layer: float(value) for layer in layers}
-
-
 @contextmanager
 def routing_hook(
     model: nn.Module,
-    policy: str = "topk",
+    cfg: "SereConfig | None" = None,
     *,
-    num_primary: int | None = None,
-    threshold: float | dict[int, float] = 0.0,
-    similarity: dict[int, torch.Tensor] | None = None,
-    max_tokens: int | None = None,
-    error: dict[int, torch.Tensor] | None = None,
-    tolerance: float = 1.0,
-    keep_cost: float = float("inf"),
-    max_distinct: int | None = None,
-    renormalize: bool = False,
-    refill: bool = False,
+    matrices: dict[int, torch.Tensor] | None = None,
+    thresholds: dict[int, float] | None = None,
     lockstep_batch: int | None = None,
 ) -> Iterator[RoutingRecord]:
-    """Make every MoE block of `model` apply `policy` to its router's choice, within the block.
+    """Make every MoE block of `model` route through `sere.policy.route(cfg, ...)`, within the block.
 
     The primary set is taken over all T tokens of each forward call (the batch of a decode step),
     or, with `lockstep_batch=B`, over each position's B tokens of a teacher-forced forward over
     [B, L] (T = B x L, batch-major): with causal attention, layer l at position t then sees
     exactly what B sequences decoded in lock-step would see, in one forward instead of L.
-    Slots are first ordered by descending routing weight (DeepSeek's top-k is unsorted), which
-    leaves the block's output unchanged under `topk`.
+    Steps with more than `cfg.max_decode_tokens` tokens are left alone, as in serving.
 
     Args:
-        policy: "topk" (record only), "sere" (`sere.reroute`), "oea" (`oea_reference`) or
-            "sere-err" (`sere.reroute_err`).
-        num_primary: S, required for sere/oea/sere-err, 1 <= S < K.
-        threshold: rho for sere, one float or {layer: float} (e.g. per-layer quantiles).
-        similarity: {layer: [E, E]} for sere (e.g. `Sidecar.matrices`).
-        max_tokens: calls with more tokens (prefill) are left alone; None applies to all.
-        error: {layer: [E, E]} substitution errors for sere-err (`sere.substitution`).
-        tolerance, keep_cost, max_distinct, renormalize: sere-err's parameters, passed through
-            to `sere.reroute_err` unchanged.
-        refill: sere-err refills dropped slots from the loaded experts by router score (OEA's
-            fill; `sere.reroute_err(router_scores=...)`).
+        cfg: the SereConfig; None (or policy topk) records the router's choice only.
+        matrices: {layer: [E, E]} the per-layer sidecar matrix `sere.policy.matrix_kind(cfg)` names
+            (e.g. `Sidecar.matrices`), for every MoE layer.
+        thresholds: {layer: rho} for sere, e.g. resolved from `cfg.threshold_quantile`
+            (`Sidecar.threshold_for`); default `cfg.threshold` everywhere.
         lockstep_batch: B, re-route each position of a [B, L] teacher-forced call as one step
             (every call's T must be a multiple of B); record one entry per position.
     Yields:
         a RoutingRecord filled while the context is active.
     """
-    if policy not in POLICIES:
-        raise ValueError(f"policy={policy!r} is unknown; choose one of {list(POLICIES)}")
+    if cfg is None:
+        from sere.config import SereConfig
+
+        cfg = SereConfig(policy="topk")
     blocks = find_moe_blocks(model)
-    layers = [b.layer_idx for b in blocks]
-    if policy != "topk":
-        top_k = blocks[0].top_k
-        if num_primary is None or not 0 < num_primary < top_k:
-            raise ValueError(f"num_primary must be in [1, top_k={top_k}) for {policy}, got {num_primary}")
-    thresholds = _as_layer_map(threshold, layers, "threshold")
-    sims: dict[int, torch.Tensor] = {}
-    if policy in ("sere", "sere-err"):
-        matrices = similarity if policy == "sere" else error
-        kind = "similarity" if policy == "sere" else "substitution error"
-        if matrices is None:
-            raise ValueError(f"policy {policy!r} needs a {kind} matrix per MoE layer")
-        for b in blocks:
-            if b.layer_idx not in matrices:
-                raise ValueError(f"no {kind} matrix for MoE layer {b.layer_idx}")
-            sim = matrices[b.layer_idx]
-            if tuple(sim.shape) != (b.num_experts, b.num_experts):
-                raise ValueError(
-                    f"layer {b.layer_idx}: {kind} shape {tuple(sim.shape)} does not match "
-                    f"num_experts={b.num_experts}"
-                )
-            sims[b.layer_idx] = sim.float().to(b.experts.gate_up_proj.device)
-
-    record = RoutingRecord(calls={layer: [] for layer in layers})
-
+    cfg.check_model(top_k=blocks[0].top_k, num_experts=blocks[0].num_experts)
+    tables = _layer_matrices(blocks, cfg, matrices)
     if lockstep_batch is not None and lockstep_batch < 1:
         raise ValueError(f"lockstep_batch must be >= 1, got {lockstep_batch}")
-
-    def reroute_step(b: MoeBlock, logits, weights, ids):
-        """One decode step: [T, E], [T, K], [T, K] -> (ids sorted by weight, new weights, new ids)."""
-        order = torch.sort(weights, dim=-1, descending=True, stable=True).indices
-        ids, weights = ids.gather(1, order), weights.gather(1, order)  # [T, K]
-        if policy == "sere":
-            new = reroute(ids, weights, sims[b.layer_idx], num_primary, thresholds[b.layer_idx])
-        elif policy == "sere-err":
-            new = reroute_err(
-                ids, weights, sims[b.layer_idx], num_primary, tolerance, keep_cost, max_distinct,
-                renormalize, router_scores=router_scores(b, logits) if refill else None,
-            )
-        else:
-            new = oea_reference(ids, weights, router_scores(b, logits), num_primary)
-        return ids, new[1], new[0]
+    record = RoutingRecord(calls={b.layer_idx: [] for b in blocks})
 
     def make_hook(b: MoeBlock):
+        threshold = None if thresholds is None else thresholds[b.layer_idx]
+
         def hook(module, args, output):
             router_logits, topk_weights, topk_ids = output  # [T, E], [T, K], [T, K]
             num_tokens = topk_ids.shape[0]
@@ -311,20 +270,14 @@ def routing_hook(
                 raise ValueError(f"lockstep_batch={lockstep_batch} does not divide the {num_tokens} tokens")
             # batch-major tokens -> one row of token indices per decode step
             steps = torch.arange(num_tokens, device=topk_ids.device).view(per_step, -1).T  # [L, B]
-            if policy == "topk" or (max_tokens is not None and per_step > max_tokens):
-                for rows in steps:
-                    before = int(distinct_experts(topk_ids[rows], b.num_experts))
-                    record.calls[b.layer_idx].append((per_step, before, before, 0))
-                return None
             logits = router_logits.reshape(num_tokens, -1)
-            new_weights, new_ids = torch.empty_like(topk_weights), torch.empty_like(topk_ids)
+            new_weights, new_ids = topk_weights.clone(), topk_ids.clone()
             for rows in steps:
-                ids, new_weights[rows], new_ids[rows] = reroute_step(
-                    b, logits[rows], topk_weights[rows], topk_ids[rows]
-                )
-                before = int(distinct_experts(ids, b.num_experts))
-                after = int(distinct_experts(new_ids[rows], b.num_experts))
-                changed = int((new_ids[rows] != ids).sum())
+                scores = router_scores(logits[rows], b.score_fn, b.num_experts) if needs_router_scores(cfg) else None
+                routed = route(cfg, topk_ids[rows], topk_weights[rows], num_experts=b.num_experts,
+                               matrix=tables.get(b.layer_idx), threshold=threshold, router_scores=scores)
+                new_ids[rows], new_weights[rows] = routed.ids, routed.weights
+                before, after, _, changed = (int(v) for v in routed.stats[:4])
                 record.calls[b.layer_idx].append((per_step, before, after, changed))
             return router_logits, new_weights, new_ids
 

@@ -1,6 +1,7 @@
-"""Calibration of the asymmetric substitution error for `sere-err` (SERE_SPEC section 5).
+"""Calibration of the asymmetric substitution error for `sere-err` (docs/spec.md §9).
 
-    python -m sere.substitution --model DIR --data PATH --tokens N [--chunk-tokens C] [--out FILE]
+    sere substitution --model DIR --data PATH --tokens N [--chunk-tokens C] [--out FILE]
+                                                      (or: python -m sere.substitution ...)
 
     err[i, j] = sum_{n routed to i} ||Y_i[n] - Y_j[n]||^2 / sum_{n routed to i} ||Y_i[n]||^2
 
@@ -26,6 +27,7 @@ from pathlib import Path
 import torch
 
 from sere.hf.calibrate import (
+    add_model_and_data_args,
     capture_layer_inputs,
     load_calibration,
     log,
@@ -33,10 +35,10 @@ from sere.hf.calibrate import (
     save_calibration,
 )
 from sere.hf.moe import MoeBlock, find_moe_blocks, run_experts
+from sere.progress import progress
 from sere.sidecars import ERROR_METRIC, ERROR_SIDECAR_NAME
 
 __all__ = ["ERROR_SIDECAR_NAME", "substitution_error", "calibrate_errors", "main"]
-
 
 
 @torch.no_grad()
@@ -59,7 +61,9 @@ def substitution_error(
     num = torch.zeros(num_experts, num_experts, dtype=torch.float64)
     own = torch.zeros(num_experts, dtype=torch.float64)  # A_i = sum_n r_i ||Y_i||^2
     count = torch.zeros(num_experts, dtype=torch.int64)
-    for s in range(0, x.shape[0], chunk_tokens):
+    starts = range(0, x.shape[0], chunk_tokens)
+    for s in progress(starts, desc=f"[substitution] layer {block.layer_idx}", unit="chunk", leave=False,
+                      every=0.25):
         e = min(s + chunk_tokens, x.shape[0])
         y = run_experts(block, x[s:e]).double()  # [E, C, d]
         routed = torch.zeros(e - s, num_experts, dtype=torch.float64)
@@ -83,17 +87,24 @@ def calibrate_errors(
     blocks = find_moe_blocks(model)
     captured = capture_layer_inputs(model, blocks, token_ids, seq_len, batch_size)
     errors, counts = {}, {}
-    for b in blocks:
+    for b in progress(blocks, desc="[substitution] substitution error", unit="layer"):
         x, ids = captured[b.layer_idx]
         errors[b.layer_idx], counts[b.layer_idx] = substitution_error(b, x, ids, chunk_tokens)
-        log(f"[substitution] layer {b.layer_idx}: {x.shape[0]} tokens")
     return errors, counts, captured[blocks[0].layer_idx][0].shape[0]
 
 
-def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(prog="python -m sere.substitution", description=__doc__.split("\n")[0])
-    parser.add_argument("--model", required=True, help="Hugging Face model directory")
-    parser.add_argument("--data", required=True, help="calibration text: a file or a folder")
+def main(argv: list[str] | None = None, prog: str = "python -m sere.substitution") -> Path:
+    """`sere substitution` (`prog` names it in usage and errors); returns the sidecar's path."""
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Calibrate the substitution error sidecar that policy `sere-err` reads: err[i, j] is\n"
+                    "the relative output error of running expert j in place of expert i, over the\n"
+                    "calibration tokens the model's router sends to i (0 on the diagonal; 1 = as bad as\n"
+                    "dropping i).",
+        epilog=f"example:\n  {prog} --model models/tiny-moe --data models/tiny-moe/calib.txt --tokens 32768",
+    )
+    add_model_and_data_args(parser)
     args = parse_calibration_args(parser, argv, chunk_tokens=256, sidecar_name=ERROR_SIDECAR_NAME)
 
     model, blocks, token_ids = load_calibration(args, "substitution")

@@ -1,10 +1,12 @@
 """Per-layer re-routing statistics in an engine worker, exported as Prometheus metrics.
 
-The hot path only adds the op's [5] int64 statistics vector (`sere.STAT_FIELDS` order) into a
-per-layer accumulator on the device: no host sync. Step and token counts are Python ints (the
-number of tokens is a shape). `flush()` reads the accumulators back (one sync for all layers)
-and advances the Prometheus series; the routing hook calls it at most once per
-`SERE_METRICS_INTERVAL_S` seconds (default 1), and `snapshot()` (the `sere_stats` RPC) on demand.
+Each hooked layer owns one device int64 accumulator `LayerStats.acc` [len(COUNTER_FIELDS)] that
+the routing op `sere::route_layer` adds into (inside the compiled forward / CUDA graph: no host
+sync, no clock). Everything host-side happens between steps: `flush()` reads the accumulators
+back (one sync per layer), adds the increments to the totals of the layer's current policy and
+to the Prometheus series. The plugin calls `maybe_flush()` after each `execute_model` of the
+worker (at most once per `SERE_METRICS_INTERVAL_S` seconds, default 1); `snapshot()` (the
+`sere_stats` RPC) flushes on demand.
 
 Prometheus series (labels: layer, policy, rank = the worker's global rank):
     sere_steps_total                      MoE-layer calls that were re-routed (decode steps)
@@ -15,13 +17,12 @@ Prometheus series (labels: layer, policy, rank = the worker's global rank):
     sere_primary_experts_total            sum over steps of |P|
     sere_rerouted_slots_total             (token, slot) pairs whose expert changed
     sere_critical_slots_total             secondary slots kept on a non-primary expert
+    sere_dropped_slots_total              secondary slots dropped (sere-err)
     sere_distinct_experts{stage}          gauge: mean distinct experts per step since the
                                           previous flush (stage = before | after)
 Mean distinct experts over any window: rate(sere_distinct_experts_after_total) / rate(sere_steps_total).
 
-Worker processes are not scraped by vLLM; with `PROMETHEUS_MULTIPROC_DIR` set before the server
-starts (prometheus_client multiprocess mode), the workers write these series into that directory
-and the API server's /metrics includes them.
+How they reach vLLM's /metrics: see `sere.vllm.exporter`.
 """
 
 from __future__ import annotations
@@ -32,11 +33,14 @@ import time
 
 import torch
 
-from sere.reference import STAT_FIELDS
+from sere.policy import STAT_FIELDS
 
-__all__ = ["COUNTER_FIELDS", "COUNTER_HELP", "LayerStats", "flush", "layer_stats", "maybe_flush", "reset", "snapshot"]
+__all__ = [
+    "COUNTER_FIELDS", "COUNTER_HELP", "LAYERS", "LayerStats", "NUM_STEP_FIELDS", "flush", "layer_stats",
+    "maybe_flush", "reset", "snapshot",
+]
 
-# Snapshot keys; the last five are STAT_FIELDS renamed as exported.
+# Counter names, in the order of the accumulator; the last six are sere.policy.STAT_FIELDS renamed.
 COUNTER_FIELDS = (
     "steps",
     "skipped_steps",
@@ -46,9 +50,10 @@ COUNTER_FIELDS = (
     "primary_experts",
     "rerouted_slots",
     "critical_slots",
+    "dropped_slots",
 )
-_NUM_HOST = 3  # steps, skipped_steps, tokens: Python ints
-assert len(COUNTER_FIELDS) == _NUM_HOST + len(STAT_FIELDS)
+NUM_STEP_FIELDS = 3  # steps, skipped_steps, tokens; then STAT_FIELDS
+assert len(COUNTER_FIELDS) == NUM_STEP_FIELDS + len(STAT_FIELDS)
 # Help text of each exported counter (the workers' sere_* and the Ray Serve ray_sere_* series).
 COUNTER_HELP = {
     "steps": "MoE-layer calls re-routed by SERE (decode steps)",
@@ -59,46 +64,61 @@ COUNTER_HELP = {
     "primary_experts": "sum over steps of the primary-set size |P|",
     "rerouted_slots": "(token, slot) pairs whose expert id was changed",
     "critical_slots": "secondary slots kept on a non-primary (critical) expert",
+    "dropped_slots": "secondary slots dropped with weight 0 (sere-err), before any refill",
 }
 assert tuple(COUNTER_HELP) == COUNTER_FIELDS
+GAUGE_HELP = "mean distinct experts per step since the previous export"
 
 
 class LayerStats:
-    """Accumulated statistics of one MoE layer in this process."""
+    """Statistics of one MoE layer in this process: the device accumulator and host totals."""
 
     def __init__(self, layer_name: str, layer: int, policy: str, device: torch.device | str):
         self.layer_name = layer_name
         self.layer = layer
         self.policy = policy
-        self.device = torch.device(device)
-        self.host = [0] * _NUM_HOST  # steps, skipped_steps, tokens
-        self.acc = torch.zeros(len(STAT_FIELDS), dtype=torch.int64, device=self.device)  # [5]
-        self._exported = [0] * len(COUNTER_FIELDS)  # values already added to the counters
+        self.acc = torch.zeros(len(COUNTER_FIELDS), dtype=torch.int64, device=torch.device(device))
+        self._read = [0] * len(COUNTER_FIELDS)  # acc as of the previous collect
+        self.totals: dict[str, list[int]] = {}  # policy -> counters since the last reset
+        self.exported: dict[str, list[int]] = {}  # policy -> counters since process start (monotonic)
+        self.gauge: dict[str, tuple[float, float]] = {}  # policy -> (before, after) of the last flush
 
-    def add(self, stats: torch.Tensor, num_tokens: int) -> None:
-        """One re-routed call: `stats` [5] int64 in STAT_FIELDS order (stays on the device)."""
-        self.host[0] += 1
-        self.host[2] += num_tokens
-        self.acc.add_(stats)
-
-    def skip(self) -> None:
-        self.host[1] += 1
+    def collect(self) -> list[int]:
+        """The increments since the previous collect (one device sync), booked to `policy`."""
+        values = [int(v) for v in self.acc.tolist()]
+        delta = [now - before for now, before in zip(values, self._read)]
+        self._read = values
+        if not any(delta):
+            return delta
+        for book in (self.totals, self.exported):
+            book[self.policy] = [a + b for a, b in zip(book.get(self.policy, [0] * len(delta)), delta)]
+        if delta[0] > 0:
+            self.gauge[self.policy] = (delta[3] / delta[0], delta[4] / delta[0])
+        return delta
 
     def values(self) -> list[int]:
-        """All counters in COUNTER_FIELDS order (syncs with the device)."""
-        return self.host + [int(v) for v in self.acc.tolist()]
+        """The current policy's counters since the last reset, COUNTER_FIELDS order (syncs)."""
+        with _lock:
+            _flush_layer(self, _metrics(), _rank())
+        return list(self.totals.get(self.policy, [0] * len(COUNTER_FIELDS)))
+
+    def switch_policy(self, policy: str) -> None:
+        """Book what was counted so far to the old policy, then count for `policy`."""
+        with _lock:
+            _flush_layer(self, _metrics(), _rank())
+            self.policy = policy
 
     def reset(self) -> None:
-        self.host = [0] * _NUM_HOST
-        self.acc.zero_()
-        self._exported = [0] * len(COUNTER_FIELDS)
+        self.collect()
+        self.totals = {}
 
 
-LAYERS: dict[tuple[str, str], LayerStats] = {}  # (layer name, policy) -> stats, this process
-_lock = threading.Lock()
+LAYERS: dict[str, LayerStats] = {}  # layer name -> stats, this process
+_lock = threading.RLock()
 _last_flush = 0.0
 _interval_s = float(os.environ.get("SERE_METRICS_INTERVAL_S", "1.0"))
 _prom: dict | None = None
+_listeners: list = []  # functions called after each flush (the exporter's snapshot file)
 
 
 def _rank() -> str:
@@ -112,8 +132,8 @@ def _rank() -> str:
     return "0"
 
 
-def _metrics() -> dict | None:
-    """The Prometheus series, created on first use in this process (None without the client)."""
+def _metrics() -> dict:
+    """This process's Prometheus series, created on first use (empty without the client)."""
     global _prom
     if _prom is not None:
         return _prom
@@ -124,66 +144,66 @@ def _metrics() -> dict | None:
         return _prom
     labels = ["layer", "policy", "rank"]
     _prom = {name: Counter(f"sere_{name}", text, labels) for name, text in COUNTER_HELP.items()}
-    _prom["gauge"] = Gauge(
-        "sere_distinct_experts",
-        "mean distinct experts per step since the previous export",
-        labels + ["stage"],
-        multiprocess_mode="mostrecent",
-    )
+    _prom["gauge"] = Gauge("sere_distinct_experts", GAUGE_HELP, labels + ["stage"], multiprocess_mode="mostrecent")
     return _prom
 
 
 def layer_stats(layer_name: str, layer: int, policy: str, device: torch.device | str) -> LayerStats:
-    """The accumulator of (layer, policy), created on first use."""
-    key = (layer_name, policy)
+    """The statistics of a layer, created on first use."""
     with _lock:
-        if key not in LAYERS:
-            LAYERS[key] = LayerStats(layer_name, layer, policy, device)
-        return LAYERS[key]
+        if layer_name not in LAYERS:
+            LAYERS[layer_name] = LayerStats(layer_name, layer, policy, device)
+        return LAYERS[layer_name]
+
+
+def _flush_layer(stats: LayerStats, prom: dict, rank: str) -> None:
+    delta = stats.collect()
+    if not prom:
+        return
+    labels = {"layer": str(stats.layer), "policy": stats.policy, "rank": rank}
+    for name, increment in zip(COUNTER_FIELDS, delta):
+        if increment > 0:
+            prom[name].labels(**labels).inc(increment)
+    if delta[0] > 0:
+        before, after = stats.gauge[stats.policy]
+        prom["gauge"].labels(**labels, stage="before").set(before)
+        prom["gauge"].labels(**labels, stage="after").set(after)
 
 
 def flush() -> None:
-    """Advance the Prometheus series to the accumulated values (one device sync per layer)."""
+    """Advance the totals and Prometheus series to the accumulators (between steps)."""
     global _last_flush
     with _lock:
         _last_flush = time.monotonic()
-        prom = _metrics()
-        rank = _rank()
+        prom, rank = _metrics(), _rank()
         for stats in LAYERS.values():
-            values = stats.values()
-            delta = [now - before for now, before in zip(values, stats._exported)]
-            stats._exported = values
-            if not prom:
-                continue
-            labels = {"layer": str(stats.layer), "policy": stats.policy, "rank": rank}
-            for name, increment in zip(COUNTER_FIELDS, delta):
-                if increment > 0:
-                    prom[name].labels(**labels).inc(increment)
-            steps = delta[0]
-            if steps > 0:
-                prom["gauge"].labels(**labels, stage="before").set(delta[3] / steps)
-                prom["gauge"].labels(**labels, stage="after").set(delta[4] / steps)
+            _flush_layer(stats, prom, rank)
+        for listener in _listeners:
+            listener(rank)
 
 
 def maybe_flush() -> None:
-    """Flush when the export interval has passed (a clock read otherwise)."""
-    if time.monotonic() - _last_flush >= _interval_s:
+    """Flush when the export interval has passed (the worker's step hook; outside the forward)."""
+    if LAYERS and time.monotonic() - _last_flush >= _interval_s:
         flush()
 
 
 def snapshot() -> dict:
-    """{'rank': str, 'layers': [{'layer_name', 'layer', 'policy', COUNTER_FIELDS...}, ...]}, plain data."""
+    """{'rank': str, 'layers': [{'layer_name', 'layer', 'policy', COUNTER_FIELDS...}, ...]}, plain data,
+    one entry per (layer, policy) counted since the last reset."""
     flush()
     layers = []
-    for stats in LAYERS.values():
-        entry = {"layer_name": stats.layer_name, "layer": stats.layer, "policy": stats.policy}
-        entry.update(zip(COUNTER_FIELDS, stats.values()))
-        layers.append(entry)
+    with _lock:
+        for stats in LAYERS.values():
+            for policy, values in stats.totals.items():
+                entry = {"layer_name": stats.layer_name, "layer": stats.layer, "policy": policy}
+                entry.update(zip(COUNTER_FIELDS, values))
+                layers.append(entry)
     return {"rank": _rank(), "layers": layers}
 
 
 def reset() -> None:
-    """Zero every layer's accumulators (the Prometheus counters keep their totals)."""
+    """Zero every layer's totals (the Prometheus counters keep theirs)."""
     flush()
     with _lock:
         for stats in LAYERS.values():

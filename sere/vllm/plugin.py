@@ -14,10 +14,18 @@ What `register()` installs (it runs in every vLLM process; exactly vLLM 0.32.0):
   custom) selects first, then the policy post-processes its ids (`sere.vllm.routing`), before vLLM's EPLB
   logical-to-physical map, the expert map and any dispatch. Each layer loads its sidecar matrix
   here, so a missing layer fails the model load naming the layer and the file.
+- vLLM compiles the model (torch.compile, full graph; CUDA graphs on GPUs): the hook calls one
+  opaque custom op, `sere::route_layer` (`sere.vllm.routing`), so the compiled graph and any
+  captured CUDA graph keep working. The engine-config hash gets a SERE marker, so that vLLM's
+  compile cache never serves a graph compiled without the hook (or with it, to vLLM without SERE).
+- the worker's `execute_model` (a step hook, outside the forward) flushes the counters to
+  Prometheus at most once per SERE_METRICS_INTERVAL_S (`sere.vllm.metrics`); `sere.vllm.exporter`
+  brings them to the OpenAI server's /metrics.
 - worker RPCs for `llm.collective_rpc(...)`: `sere_configure(**fields)` (switch policy or
   parameters at run time, e.g. to compare policies in one engine), `sere_stats` (per-layer
   counters, `sere.vllm.metrics`), `sere_reset_stats`, `sere_dump_records(path)` (with
-  `SERE_RECORD=1`: every call's router output and the ids actually dispatched).
+  `SERE_RECORD=1`: every call's router output and the ids actually dispatched; refused at engine
+  start when CUDA graphs are on, as is `sere_configure` once graphs are captured).
 - expert-parallel fixes for the CPU backend (`sere.vllm.ep`).
 
 Decode only: calls with more than `max_decode_tokens` tokens keep the router's ids.
@@ -32,12 +40,12 @@ from pathlib import Path
 
 import torch
 
-from sere.vllm import metrics
+from sere import policy
 from sere.config import SereConfig
 from sere.sidecars import ERROR_METRIC, ERROR_SIDECAR_NAME, SIDECAR_NAME, Sidecar, load_sidecar
+from sere.vllm import exporter, metrics
 from sere.vllm.routing import (  # noqa: F401  (router_scores, ENV_RECORD: part of this module's API)
     ENV_RECORD,
-    SIDECAR_POLICIES,
     RoutingHook,
     _records,
     _records_lock,
@@ -59,6 +67,9 @@ logger = logging.getLogger("vllm.sere")
 SUPPORTED_VLLM_VERSION = "0.32.0"
 ENV_CONFIG = "SERE_CONFIG"
 ENV_EP_ALLREDUCE = "SERE_EP_ALLREDUCE"  # "1": OR the primary set even when ranks share tokens
+# Added to vllm_config.additional_config when SERE is on: it enters the config hash that keys
+# vLLM's compile cache (hf_overrides does not), so SERE and plain vLLM never share a compiled graph.
+COMPILE_CACHE_MARKER = ("sere", "sere::route_layer v1")
 
 _registered = False
 _sidecars: dict[tuple[str, int], Sidecar] = {}
@@ -99,6 +110,12 @@ def register() -> None:
         return vllm_config
 
     runner_init = MoERunner.__init__
+    execute_model = WorkerWrapperBase.execute_model
+
+    def _execute_model(self, *args, **kwargs):
+        output = execute_model(self, *args, **kwargs)
+        metrics.maybe_flush()  # host work between steps, never inside the compiled forward
+        return output
 
     def _runner_init(self, *args, **kwargs):
         runner_init(self, *args, **kwargs)
@@ -107,11 +124,13 @@ def register() -> None:
     EngineArgs.create_engine_config = _create_engine_config
     _skip_sidecar_when_loading_weights()
     MoERunner.__init__ = _runner_init
+    WorkerWrapperBase.execute_model = _execute_model
     WorkerWrapperBase.sere_configure = _rpc_configure
     WorkerWrapperBase.sere_stats = _rpc_stats
     WorkerWrapperBase.sere_reset_stats = _rpc_reset_stats
     WorkerWrapperBase.sere_dump_records = _rpc_dump_records
     vllm_ep.install()
+    exporter.install()
     _registered = True
 
 
@@ -182,13 +201,11 @@ def _model_moe_shape(hf_config) -> tuple[int | None, int | None]:
     )
 
 
-# Policies that read a sidecar: sere a similarity matrix, sere-err a substitution-error matrix.
-
-
 def _sidecar_path(cfg: SereConfig, model_config) -> Path:
+    """The sidecar file of the matrix `policy.matrix_kind(cfg)` names."""
     if cfg.similarity_path:
         return Path(cfg.similarity_path)
-    name = ERROR_SIDECAR_NAME if cfg.policy == "sere-err" else SIDECAR_NAME
+    name = ERROR_SIDECAR_NAME if policy.matrix_kind(cfg) == "substitution_error" else SIDECAR_NAME
     model_dir = Path(str(model_config.model))
     if not model_dir.is_dir():
         raise ValueError(
@@ -198,14 +215,15 @@ def _sidecar_path(cfg: SereConfig, model_config) -> Path:
     return model_dir / name
 
 
-def _sidecar(path: Path, num_experts: int, policy: str) -> Sidecar:
+def _sidecar(path: Path, num_experts: int, cfg: SereConfig) -> Sidecar:
     key = (str(path), num_experts)
     if key not in _sidecars:
         _sidecars[key] = load_sidecar(path, num_experts=num_experts)
     sidecar = _sidecars[key]
-    if (sidecar.metric == ERROR_METRIC) != (policy == "sere-err"):
-        want = f"a {ERROR_METRIC} sidecar (python -m sere.substitution)" if policy == "sere-err" else "a similarity sidecar"
-        raise ValueError(f"sere: policy {policy!r} needs {want}, but {path} holds metric {sidecar.metric!r}")
+    errors = policy.matrix_kind(cfg) == "substitution_error"
+    if (sidecar.metric == ERROR_METRIC) != errors:
+        want = f"a {ERROR_METRIC} sidecar (python -m sere.substitution)" if errors else "a similarity sidecar"
+        raise ValueError(f"sere: policy {cfg.policy!r} needs {want}, but {path} holds metric {sidecar.metric!r}")
     return sidecar
 
 
@@ -227,16 +245,49 @@ def validate_engine_config(vllm_config) -> SereConfig | None:
     except ValueError as exc:
         where = "hf_overrides['sere']" if source == "hf_overrides" else f"${ENV_CONFIG}"
         raise ValueError(f"sere: invalid SERE config in {where} for {model_config.model!r}: {exc}") from None
-    if cfg.policy in SIDECAR_POLICIES:
-        _sidecar(_sidecar_path(cfg, model_config), num_experts, cfg.policy)
+    if policy.matrix_kind(cfg) is not None:
+        _sidecar(_sidecar_path(cfg, model_config), num_experts, cfg)
+    _check_compilation(vllm_config)
+    _mark_compile_cache(vllm_config)
     logger.info("sere: %s on %s (config from %s)", cfg, model_config.model, source)
     return cfg
+
+
+def cuda_graphs_on(vllm_config) -> bool:
+    """Whether vLLM will capture CUDA graphs (never on CPU, whatever the config asks)."""
+    from vllm.config import CUDAGraphMode
+
+    compilation = vllm_config.compilation_config
+    return compilation.cudagraph_mode != CUDAGraphMode.NONE and vllm_config.device_config.device_type != "cpu"
+
+
+def _check_compilation(vllm_config) -> None:
+    """Refuse what cannot work compiled: records copy to the host on every call, which a
+    captured CUDA graph would run once, at capture."""
+    if os.environ.get(ENV_RECORD, "0") == "1" and cuda_graphs_on(vllm_config):
+        mode = vllm_config.compilation_config.cudagraph_mode.name
+        raise ValueError(
+            f"sere: {ENV_RECORD}=1 records every routing call on the host, which cannot run inside "
+            f"CUDA graphs (cudagraph_mode={mode}); unset {ENV_RECORD}, or start the engine with "
+            "enforce_eager=True or compilation_config={'cudagraph_mode': 'NONE'}"
+        )
+
+
+def _mark_compile_cache(vllm_config) -> None:
+    extra = vllm_config.additional_config
+    if not isinstance(extra, dict):
+        raise ValueError(
+            "sere: vllm_config.additional_config is not a dict; SERE needs to add "
+            f"{COMPILE_CACHE_MARKER[0]!r} to it (it keys vLLM's compile cache)"
+        )
+    extra[COMPILE_CACHE_MARKER[0]] = COMPILE_CACHE_MARKER[1]
 
 
 # ---------------------------------------------------------------- the routing hook
 
 
 _HOOKS: list[RoutingHook] = []  # every hooked layer of this process
+_cuda_graphs = False  # the engine of this process captures CUDA graphs (the config is then fixed)
 
 
 def _attach(runner) -> RoutingHook | None:
@@ -248,11 +299,13 @@ def _attach(runner) -> RoutingHook | None:
 
     from sere.vllm import ep as vllm_ep
 
+    global _cuda_graphs
     vllm_config = get_current_vllm_config()
     found = config_from_vllm(vllm_config)
     if found is None:
         return None
     cfg, _ = found
+    _cuda_graphs = cuda_graphs_on(vllm_config)
     name = runner.layer_name
     router = runner.router
     if not isinstance(router, BaseRouter) or isinstance(router, (ZeroExpertRouter, RoutingSimulatorRouter)):
@@ -266,7 +319,7 @@ def _attach(runner) -> RoutingHook | None:
     moe = runner.moe_config
 
     def similarity(layer: int, cfg: SereConfig) -> tuple[torch.Tensor, float]:
-        sidecar = _sidecar(_sidecar_path(cfg, model_config), moe.num_logical_experts, cfg.policy)
+        sidecar = _sidecar(_sidecar_path(cfg, model_config), moe.num_logical_experts, cfg)
         matrix = sidecar.matrix(layer).to(device=device, dtype=torch.float32).contiguous()  # [E, E]
         if cfg.threshold_quantile is not None:
             return matrix, sidecar.threshold_for(layer, cfg.threshold_quantile)
@@ -302,6 +355,12 @@ def configure(**fields) -> dict:
     if not _HOOKS:
         raise RuntimeError("sere: no MoE layer of this worker is hooked (start the engine with a SERE config)")
     cfg = parse_config({**_HOOKS[0].cfg.model_dump(), **fields}, "sere_configure")
+    if _cuda_graphs and cfg != _HOOKS[0].cfg:
+        raise RuntimeError(
+            "sere: sere_configure cannot change the config of an engine that captures CUDA graphs "
+            "(the captured graphs hold the config of the capture); start the engine with the wanted "
+            "config, or with compilation_config={'cudagraph_mode': 'NONE'} to switch at run time"
+        )
     for hook in _HOOKS:
         hook.configure(cfg)
     return cfg.model_dump()

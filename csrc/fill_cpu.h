@@ -1,0 +1,108 @@
+// The fill step shared by the CPU kernels of sere::oea (oea_cpu.cpp) and of sere::reroute_err's
+// refill (reroute_err_cpu.cpp): for one token, the loaded experts it has not chosen yet, best
+// router score first (sere.reference.oea_reference / refill_dropped).
+//
+// Shape legend: T tokens, K top-k slots, S = num_primary, E experts.
+//
+// NOTE: order. The reference sorts the masked scores with torch.sort(descending=True,
+// stable=True), which puts NaN before every number and keeps the lower id first among equal
+// scores; a candidate whose score is NaN takes its place in that order but never fills a slot
+// (NaN > -inf is False). Experts at -inf (and those not available) sort after every candidate
+// and never fill: they are left out here.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+namespace sere {
+
+// [T, E] router scores of any of the float dtypes, read as float32 (a runtime switch per read
+// instead of one more template dimension).
+struct ScoreRows {
+  const void* data = nullptr;  // nullptr: no scores
+  at::ScalarType dtype = at::kFloat;
+  int64_t num_experts = 0;
+
+  float at(int64_t t, int64_t e) const {
+    const int64_t i = t * num_experts + e;
+    switch (dtype) {
+      case at::kBFloat16: return static_cast<float>(static_cast<const at::BFloat16*>(data)[i]);
+      case at::kHalf: return static_cast<float>(static_cast<const at::Half*>(data)[i]);
+      default: return static_cast<const float*>(data)[i];
+    }
+  }
+};
+
+inline ScoreRows score_rows(const at::Tensor& scores) {
+  return {scores.data_ptr(), scores.scalar_type(), scores.size(1)};
+}
+
+struct FillPick {
+  int32_t id;
+  float score;
+  // Whether the pick fills its slot (a NaN score holds its rank but fills nothing).
+  bool fills() const { return !std::isnan(score); }
+};
+
+// Whether (a, a_id) comes before (b, b_id) in the reference's stable descending sort.
+inline bool fills_before(float a, int32_t a_id, float b, int32_t b_id) {
+  const bool a_nan = std::isnan(a);
+  const bool b_nan = std::isnan(b);
+  if (a_nan != b_nan) {
+    return a_nan;
+  }
+  if (!a_nan && a != b) {
+    return a > b;
+  }
+  return a_id < b_id;
+}
+
+// The first `count` candidates of token t in that order: experts of `loaded_ids` (ascending)
+// with excluded_stamp[e] != stamp and a score other than -inf. Writes picks[0..n), returns n.
+inline int64_t pick_fill_candidates(
+    const ScoreRows& scores,
+    int64_t t,
+    const std::vector<int32_t>& loaded_ids,
+    const std::vector<int64_t>& excluded_stamp,  // [E]
+    int64_t stamp,
+    int64_t count,
+    FillPick* picks) {                           // [count]
+  int64_t num_picks = 0;
+  if (count <= 0) {
+    return 0;
+  }
+  for (const int32_t e : loaded_ids) {
+    if (excluded_stamp[e] == stamp) {
+      continue;
+    }
+    const float score = scores.at(t, e);
+    if (score == -std::numeric_limits<float>::infinity()) {
+      continue;
+    }
+    if (num_picks == count && !fills_before(score, e, picks[count - 1].score, picks[count - 1].id)) {
+      continue;
+    }
+    // insertion into the sorted picks (the last one falls off when full)
+    int64_t j = num_picks < count ? num_picks++ : count - 1;
+    while (j > 0 && fills_before(score, e, picks[j - 1].score, picks[j - 1].id)) {
+      picks[j] = picks[j - 1];
+      --j;
+    }
+    picks[j] = {e, score};
+  }
+  return num_picks;
+}
+
+// max(x, 1e-20f) as torch's clamp_min: a NaN stays NaN.
+inline float clamp_min_tiny(float x) {
+  constexpr float kTiny = 1e-20f;
+  return x < kTiny ? kTiny : x;
+}
+
+}  // namespace sere
