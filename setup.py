@@ -19,7 +19,12 @@ CPU_SOURCES = [
     "csrc/reroute_err_cpu.cpp",
     "csrc/oea_cpu.cpp",
 ]
-CUDA_SOURCES = ["csrc/reroute_cuda.cu", "csrc/reroute_err_cuda.cu", "csrc/reroute_cuda_glue.cpp"]
+CUDA_SOURCES = [
+    "csrc/reroute_cuda.cu",
+    "csrc/reroute_err_cuda.cu",
+    "csrc/oea_cuda.cu",
+    "csrc/reroute_cuda_glue.cpp",
+]
 # Portable: no -march=native (wheels and CI may run on another CPU). No fused multiply-add
 # (-ffp-contract=off): reroute_err must round each float32 step like the PyTorch reference.
 CXX_FLAGS = ["-O3", "-Wall", "-Wextra", "-Wno-unused-parameter", "-ffp-contract=off"]

@@ -9,12 +9,16 @@ drift. Per (policy, batch size):
   output_tokens_per_s  batch_size * N / t(N tokens)
   distinct_experts     mean distinct experts per MoE layer and decode step (the plugin's counters,
                        with max_decode_tokens = batch size so that prefill steps are not counted)
-Each round rotates the policy order. Greedy decoding with ignore_eos, prefix caching off (each
+Each round rotates the policy order. `--mode` picks vLLM's execution mode: `compiled` (vLLM's
+default: torch.compile of the whole model, the SERE routing op inside the graph), `eager`
+(enforce_eager=True), or `both` (one engine after the other, records tagged with their mode). Greedy decoding with ignore_eos, prefix caching off (each
 policy computes its own KV), a different prompt per sequence (snippets of the Python standard
 library).
 
     python benchmarks/bench_vllm.py --model models/tiny-moe --batch-sizes 1 4 16 \
         --policies topk sere oea --json out.json
+    python benchmarks/bench_vllm.py --model models/tiny-moe --mode both --policies topk sere \
+        --json benchmarks/results/vllm_modes.json
     python benchmarks/make_random_moe.py    # Qwen3-30B-A3B layer shapes, random weights
     OMP_NUM_THREADS=1 python benchmarks/bench_vllm.py --model build/random-moe \
         --batch-sizes 1 4 8 16 32 64 --policies topk sere oea sere-err --tolerance 0.6 --renormalize \
@@ -34,7 +38,9 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -120,13 +126,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--max-tokens", type=int, default=32, help="output tokens per sequence")
     parser.add_argument("--prompt-chars", type=int, default=120, help="characters per prompt")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--mode", choices=["compiled", "eager", "both"], default="compiled",
+                        help="vLLM execution mode: compiled (vLLM's default), eager (enforce_eager), or both")
     parser.add_argument("--json", default=None)
     parser.add_argument("--png", default=None, help="plot distinct experts and TPOT per batch size")
     args = parser.parse_args(argv)
     if args.max_tokens < 2:
         parser.error(f"--max-tokens must be >= 2 (TPOT is a difference of two runs), got {args.max_tokens}")
-
-    from vllm import LLM
 
     # The engine starts on a sidecar policy (so its sidecar is checked up front); sere_configure
     # switches policies, keeping the other fields.
@@ -150,10 +156,37 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "vllm_enable_v1_multiprocessing": os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING"),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
     }
+    conditions["command"] = shlex.join(["python", "benchmarks/bench_vllm.py", *(sys.argv[1:] if argv is None else argv)])
     wall_start = time.perf_counter()
-    llm = LLM(model=args.model, hf_overrides={"sere": sere}, enforce_eager=True, gpu_memory_utilization=0.3,
-              max_model_len=512, max_num_seqs=max(args.batch_sizes), enable_prefix_caching=False, seed=0)
-    conditions["engine_start_s"] = time.perf_counter() - wall_start
+    records = []
+    for mode in (["compiled", "eager"] if args.mode == "both" else [args.mode]):
+        records += _bench_mode(args, mode, sere, conditions)
+    _print_table(records)
+    conditions["load_average_end"] = os.getloadavg()[0]
+    conditions["load_averages_1_5_15_end"] = os.getloadavg()
+    conditions["wall_s"] = time.perf_counter() - wall_start
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"conditions": conditions, "records": records}, f, indent=2)
+    if args.png:
+        from plot_policies import plot_policies
+
+        panels = [("distinct_experts", "distinct experts per layer and step"), ("tpot_ms", "TPOT (ms)")]
+        plotted = [{**r, "policy": f"{r['policy']} ({r['mode']})"} for r in records] if args.mode == "both" else records
+        plot_policies(plotted, "batch_size", "batch size (sequences decoded together)", panels, args.png,
+                      plot_title(conditions))
+    return records
+
+
+def _bench_mode(args, mode: str, sere: dict, conditions: dict) -> list[dict]:
+    """One engine in `mode` ("compiled" or "eager"): every policy and batch size, interleaved."""
+    from vllm import LLM
+
+    start = time.perf_counter()
+    llm = LLM(model=args.model, hf_overrides={"sere": sere}, enforce_eager=mode == "eager",
+              gpu_memory_utilization=0.3, max_model_len=512, max_num_seqs=max(args.batch_sizes),
+              enable_prefix_caching=False, seed=0)
+    conditions[f"engine_start_s_{mode}"] = time.perf_counter() - start
     records = []
     try:
         for batch in args.batch_sizes:
@@ -179,6 +212,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 full = statistics.median(times[policy]["full"])
                 before, after, rerouted = stats[policy]
                 records.append({
+                    "mode": mode,
                     "policy": policy,
                     "batch_size": batch,
                     "distinct_experts": after,
@@ -191,32 +225,24 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     "first_token_s_repeats": times[policy]["one"],
                 })
                 r = records[-1]
-                print(f"B={batch:3d} {policy:8s} distinct {r['distinct_experts']:5.1f} tpot {r['tpot_ms']:7.2f} ms "
+                print(f"{mode:8s} B={batch:3d} {policy:8s} distinct {r['distinct_experts']:5.1f} tpot {r['tpot_ms']:7.2f} ms "
                       f"{r['output_tokens_per_s']:8.1f} tok/s", flush=True)
     finally:
         llm.llm_engine.engine_core.shutdown()
 
-    base = {r["batch_size"]: r for r in records if r["policy"] == "topk"}
-    print()
-    print("| batch | policy | distinct experts | TPOT ms | output tok/s | TPOT vs topk |")
-    print("|---|---|---|---|---|---|")
-    for r in records:
-        ratio = base[r["batch_size"]]["tpot_ms"] / r["tpot_ms"] if r["batch_size"] in base else float("nan")
-        print(f"| {r['batch_size']} | {r['policy']} | {r['distinct_experts']:.1f} | {r['tpot_ms']:.2f} "
-              f"| {r['output_tokens_per_s']:.1f} | x{ratio:.2f} |")
-    conditions["load_average_end"] = os.getloadavg()[0]
-    conditions["load_averages_1_5_15_end"] = os.getloadavg()
-    conditions["wall_s"] = time.perf_counter() - wall_start
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"conditions": conditions, "records": records}, f, indent=2)
-    if args.png:
-        from plot_policies import plot_policies
-
-        panels = [("distinct_experts", "distinct experts per layer and step"), ("tpot_ms", "TPOT (ms)")]
-        plot_policies(records, "batch_size", "batch size (sequences decoded together)", panels, args.png,
-                      plot_title(conditions))
     return records
+
+
+def _print_table(records: list[dict]) -> None:
+    base = {(r["mode"], r["batch_size"]): r for r in records if r["policy"] == "topk"}
+    print()
+    print("| mode | batch | policy | distinct experts | TPOT ms | output tok/s | TPOT vs topk |")
+    print("|---|---|---|---|---|---|---|")
+    for r in records:
+        key = (r["mode"], r["batch_size"])
+        ratio = base[key]["tpot_ms"] / r["tpot_ms"] if key in base else float("nan")
+        print(f"| {r['mode']} | {r['batch_size']} | {r['policy']} | {r['distinct_experts']:.1f} | {r['tpot_ms']:.2f} "
+              f"| {r['output_tokens_per_s']:.1f} | x{ratio:.2f} |")
 
 
 if __name__ == "__main__":

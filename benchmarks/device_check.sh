@@ -25,10 +25,14 @@
 # with only the machine's packages (device_env.sh), `python` failing as it does there, no network
 # (unshare -n). Every step that needs no GPU runs: build (CPU kernels), imports, the GPU test files
 # collected (each test skipped "needs a CUDA GPU"), bench_reroute's CPU path with tiny sizes;
-# bench_moe_layer only imports its CUDA path and prints the command it would run.
+# bench_moe_layer only imports its CUDA path and prints the command it would run. The dry run
+# multiplies every limit by DRY_RUN_LIMIT_SCALE (default 4: 2 shared cores here, 16 there); it
+# checks what runs, not the device time, which the limits' sum above bounds.
+# DEVICE_CHECK_REUSE_BUILD=1 (dry run only) copies the checkout's sere/_C*.so into the emulated
+# machine instead of compiling it there (the CPU build takes minutes on 2 cores; CI's test uses it).
 set -euo pipefail
 
-declare -A LIMIT=([env]=20 [build]=150 [imports]=15 [gpu_tests]=130 [bench_reroute]=55 [bench_moe_layer]=40 [report]=10
+declare -A LIMIT=([env]=30 [build]=150 [imports]=30 [gpu_tests]=120 [bench_reroute]=50 [bench_moe_layer]=30 [report]=10
   [gpu_test_files]=0)
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 mode=gpu
@@ -55,11 +59,25 @@ copy_sent_files() {
 
 # emulate_device: prepare the emulated GPU machine (see the header), then run this script in it.
 emulate_device() {
-  local dry="${repo}/build/device-dry" py out
+  local dry="${repo}/build/device-dry" py out prebuilt=""
+  mkdir -p "${dry}"
+  exec 8> "${dry}.lock"  # one dry run at a time; the lock passes to the emulated run below
+  flock 8
   py="$(bash "${repo}/benchmarks/device_env.sh" | tail -n 1)"
-  rm -rf "${dry}/repo" "${dry}/bin"
+  rm -rf "${dry}/repo" "${dry}/bin" "${dry}/prebuilt"
   mkdir -p "${dry}/repo" "${dry}/bin"
   copy_sent_files "${dry}/repo"
+  if [[ "${DEVICE_CHECK_REUSE_BUILD:-0}" == 1 ]]; then
+    prebuilt="sere/_C$("${py}" -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')"
+    if [[ ! -f "${repo}/${prebuilt}" ]]; then
+      echo "dry run: DEVICE_CHECK_REUSE_BUILD=1 but ${repo}/${prebuilt} does not exist; build it with" \
+        "pip install --no-build-isolation --no-deps -e ." >&2
+      exit 2
+    fi
+    mkdir -p "${dry}/prebuilt"
+    cp "${repo}/${prebuilt}" "${dry}/prebuilt/"
+    prebuilt="${dry}/prebuilt/$(basename "${prebuilt}")"
+  fi
   printf '#!/bin/sh\nexec "%s" "$@"\n' "${py}" > "${dry}/bin/python3"
   printf '#!/bin/sh\necho "python: not on the GPU machine, call python3" >&2\nexit 127\n' > "${dry}/bin/python"
   chmod +x "${dry}/bin/python3" "${dry}/bin/python"
@@ -76,6 +94,7 @@ emulate_device() {
   fi
   exec unshare -n -- env -u PYTHONPATH -u VIRTUAL_ENV PATH="${dry}/bin:$(dirname "${py}"):${PATH}" \
     PYTHONNOUSERSITE=1 DEVICE_CHECK_EMULATED=1 DEVICE_CHECK_BUILD_TEMP="${dry}/build-temp" OUT="${out}" \
+    DEVICE_CHECK_REUSE_BUILD_FROM="${prebuilt}" \
     bash "${dry}/repo/benchmarks/device_check.sh" --dry-run
 }
 
@@ -92,6 +111,9 @@ work="$(mktemp -d)"
 trap 'rm -rf "${work}"' EXIT
 : > "${work}/steps.tsv"
 PY="${PYTHON:-python3}"
+if [[ "${mode}" == dry-run ]]; then
+  for name in "${!LIMIT[@]}"; do LIMIT[${name}]=$((LIMIT[${name}] * ${DRY_RUN_LIMIT_SCALE:-4})); done
+fi
 export PYTHONPATH="${repo}${PYTHONPATH:+:${PYTHONPATH}}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 
@@ -139,7 +161,12 @@ say "sere device check, mode ${mode}, in ${repo}, ${MAX_JOBS} build jobs, output
 step env "${PY}" benchmarks/device_probe.py env --json "${work}/env.json"
 build=(setup.py build_ext --inplace --force)  # --force: ninja still rebuilds only what changed
 [[ -z "${DEVICE_CHECK_BUILD_TEMP:-}" ]] || build+=(--build-temp "${DEVICE_CHECK_BUILD_TEMP}")
-step build "${PY}" "${build[@]}"
+if [[ "${mode}" == dry-run && -n "${DEVICE_CHECK_REUSE_BUILD_FROM:-}" ]]; then
+  NOTE="dry run: sere/_C copied from ${DEVICE_CHECK_REUSE_BUILD_FROM}, not compiled" \
+    step build cp "${DEVICE_CHECK_REUSE_BUILD_FROM}" sere/
+else
+  step build "${PY}" "${build[@]}"
+fi
 step imports "${PY}" benchmarks/device_probe.py imports --expect "$([[ ${mode} == gpu ]] && echo cuda || echo cpu)"
 mapfile -t gpu_files < <(gpu_test_files)
 if [[ ${#gpu_files[@]} -eq 0 ]]; then  # pytest without files would run all of tests/

@@ -15,13 +15,24 @@ packages=(torch==2.13.0 numpy pytest safetensors transformers setuptools ninja)
 # typer (a dependency of huggingface_hub here) pulls pydantic in; the GPU machine has none.
 absent=(pydantic pydantic_core vllm ray deepspeed)
 stamp="${venv}/.device-env.sha256"
+mkdir -p "$(dirname "${venv}")"
+exec 9> "${venv}.lock"  # one creator at a time (two dry runs may start together)
+flock 9
 want=$(cat "${BASH_SOURCE[0]}" requirements/cpu.lock | sha256sum | cut -d' ' -f1)
 
 if [[ ! -x "${venv}/bin/python3" || "$(cat "${stamp}" 2>/dev/null)" != "${want}" ]]; then
   echo "[device-env] creating ${venv} (about a minute)" >&2
   rm -rf "${venv}"
   python3 -m venv "${venv}"
-  "${venv}/bin/pip" install -q -c requirements/cpu.lock "${packages[@]}" >&2
+  # (the local index mirrors hold some packages only: pip warns about each missing folder)
+  set +e
+  "${venv}/bin/pip" install -q -c requirements/cpu.lock "${packages[@]}" 2>&1 | grep -v "^WARNING: Location" >&2
+  pip_rc=${PIPESTATUS[0]}
+  set -e
+  if [[ ${pip_rc} -ne 0 ]]; then
+    echo "[device-env] pip install ${packages[*]} into ${venv} failed (rc ${pip_rc})" >&2
+    exit 1
+  fi
   "${venv}/bin/pip" uninstall -q -y pydantic pydantic-core >&2
   echo "${want}" > "${stamp}"
 fi

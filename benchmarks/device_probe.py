@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -35,6 +36,13 @@ def _command_line(args: list[str]) -> str | None:
     return lines[-1] if args[0] == "nvcc" and lines else (lines[0] if lines else f"rc={done.returncode}")
 
 
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def environment() -> dict:
     """Versions and hardware as seen by this process (torch imported here)."""
     import torch
@@ -46,6 +54,10 @@ def environment() -> dict:
         "torch_cuda": torch.version.cuda,
         "cuda_available": torch.cuda.is_available(),
         "cpus": os.cpu_count(),
+        # setuptools: pyproject.toml's table-form `project.license` is deprecated (a build error
+        # once a setuptools release enforces it); ninja: without it torch builds one file at a time
+        "setuptools": _version("setuptools"),
+        "ninja": _command_line(["ninja", "--version"]),
         "nvcc": _command_line(["nvcc", "--version"]),
         "cxx": _command_line(["c++", "--version"]),
         "nvidia_smi": _command_line(

@@ -40,7 +40,7 @@ def read_junit(path: str) -> dict:
     failed, skip_reasons, files = [], {}, {}
     for case in root.iter("testcase"):
         test_id = f"{case.get('classname', '')}::{case.get('name', '')}"
-        module = case.get("classname", "").rsplit(".", 1)[0]
+        module = case.get("classname", "")  # the test module (or module.Class) as pytest names it
         files[module] = files.get(module, 0) + 1
         counts["tests"] += 1
         outcome = next((child for child in case if child.tag in ("failure", "error", "skipped")), None)

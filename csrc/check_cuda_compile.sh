@@ -14,7 +14,7 @@ out_dir="$(mktemp -d)"
 trap 'rm -rf "${out_dir}"' EXIT
 "${nvcc_bin}" --version | tail -n 1
 # sm_90 SASS (H100/H200) plus compute_80 PTX (JIT-compiled on any newer GPU), as setup.py builds.
-for name in reroute_cuda reroute_err_cuda; do
+for name in reroute_cuda reroute_err_cuda oea_cuda; do
   "${nvcc_bin}" -std=c++17 -O3 -Werror all-warnings \
     -gencode arch=compute_90,code=sm_90 -gencode arch=compute_80,code=compute_80 \
     -c "${here}/${name}.cu" -o "${out_dir}/${name}.o"
@@ -22,9 +22,9 @@ for name in reroute_cuda reroute_err_cuda; do
   "${nvcc_bin}" -std=c++17 -arch=sm_90 -c "${here}/${name}.cu" -o "${out_dir}/${name}_sm90.o"
   echo "OK: csrc/${name}.cu compiles for sm_90 (+ compute_80 PTX)"
 done
-# Each header the kernels include stands on its own, toolkit only (reroute_common.cuh is shared by
-# both kernels; the launcher headers are also included by the torch glue).
-for header in reroute_common reroute_cuda reroute_err_cuda; do
+# Each header the kernels include stands on its own, toolkit only (reroute_common.cuh and
+# fill_cuda.cuh are shared by the kernels; the launcher headers are also included by the torch glue).
+for header in reroute_common reroute_cuda reroute_err_cuda oea_cuda fill_cuda; do
   printf '#include "%s.cuh"\n' "${header}" > "${out_dir}/${header}_alone.cu"
   "${nvcc_bin}" -std=c++17 -Werror all-warnings -arch=sm_90 -I"${here}" \
     -c "${out_dir}/${header}_alone.cu" -o "${out_dir}/${header}_alone.o"

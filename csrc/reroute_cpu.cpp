@@ -23,7 +23,8 @@ namespace sere {
 namespace {
 
 // The slot's new expert: p* = argmax_{p in P} sim[e, p] (ties: lowest id, P scanned ascending),
-// or e itself when P is empty or (use_threshold and sim[e, p*] < threshold).
+// or e itself (kept) when P is empty, when the maximum is -inf or NaN (a NaN entry to P makes
+// the reference's max NaN), or when use_threshold and sim[e, p*] < threshold.
 template <typename SimT>
 int32_t nearest_primary(
     const SimT* similarity,
@@ -37,8 +38,9 @@ int32_t nearest_primary(
   int32_t best_id = e;
   for (const int32_t p : primary_ids) {
     const float value = static_cast<float>(row[p]);
-    TORCH_CHECK_VALUE(
-        std::isfinite(value), "similarity[", e, ", ", p, "] = ", value, " is not finite");
+    if (std::isnan(value)) {
+      return e;
+    }
     if (value > best) {
       best = value;
       best_id = p;

@@ -26,8 +26,9 @@ constexpr int64_t kSlotsPerBlock = int64_t{kSlotThreads} * kSlotsPerThread;
 constexpr size_t kWorkspaceHeader = 32;  // 2 x u64 counters, u32 ticket, padding
 
 // New expert for a non-primary expert e, computed by one whole warp (call warp-uniformly):
-// p* = argmax_{p in P} sim[e, p] with ties to the lowest id, or e itself when P is empty or
-// (use_threshold and sim[e, p*] < threshold). NaN entries never compare greater: never chosen.
+// p* = argmax_{p in P} sim[e, p] with ties to the lowest id, or e itself (kept) when P is empty,
+// when the maximum is -inf or NaN (a NaN entry to P makes the reference's max NaN: warp vote),
+// or when use_threshold and sim[e, p*] < threshold.
 template <typename SimT>
 __device__ int nearest_primary_warp(
     const SimT* __restrict__ similarity,  // [E, E]
@@ -40,9 +41,11 @@ __device__ int nearest_primary_warp(
   const SimT* row = similarity + static_cast<int64_t>(e) * num_experts;  // [E]
   float best = -INFINITY;
   int best_id = num_experts;  // none yet
+  bool saw_nan = false;
   for (int p = lane; p < num_experts; p += kWarpSize) {  // ascending: strict > keeps the lowest id
     if (in_primary[p]) {
       const float value = to_float(row[p]);
+      saw_nan |= isnan(value);
       if (value > best) {
         best = value;
         best_id = p;
@@ -50,8 +53,9 @@ __device__ int nearest_primary_warp(
     }
   }
   warp_best</*kLargest=*/true>(best, best_id);
-  if (best_id == num_experts || (use_threshold && best < threshold)) {
-    return e;  // nothing loaded, or a critical expert: kept
+  saw_nan = __any_sync(kFullMask, saw_nan);
+  if (saw_nan || best_id == num_experts || (use_threshold && best < threshold)) {
+    return e;  // nothing loaded or comparable, or a critical expert: kept
   }
   return best_id;
 }

@@ -7,8 +7,8 @@
 // NOTE: ids cannot be range-checked on the GPU without a host sync. The kernels never read or
 // write out of bounds: an id outside [0, E) joins no set, is left unchanged in new_ids and is
 // counted in no statistic. The CPU op rejects such ids.
-// NOTE: similarity entries are compared with `>`: a NaN entry is never chosen (the CPU op rejects
-// non-finite entries it reads).
+// NOTE: non-finite similarities follow the reference: an expert whose row has a NaN among its
+// entries to P, or only -inf entries, keeps its place (counted as critical); +inf is a maximum.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -25,6 +25,17 @@ constexpr int kCudaMaxExperts = 4096;
 // Up to this many slots (T * K) one block does everything in one launch; above it a prepare
 // kernel (one block) and a slot kernel (many blocks) run: two launches.
 constexpr int64_t kSingleBlockMaxSlots = 8192;
+
+// The dtype of a ScoreView.
+enum ScoreDtype : int { kScoreFloat32 = 0, kScoreFloat16 = 1, kScoreBFloat16 = 2 };
+
+// [T, E] router scores of any of the float dtypes (sere::oea, sere::reroute_err's refill), read
+// as float32 on the device (fill_cuda.cuh): a switch per read instead of a template dimension.
+struct ScoreView {
+  const void* data;  // [T, E] contiguous, or nullptr: no scores
+  int dtype;         // ScoreDtype
+  int num_experts;
+};
 
 // Bytes of the scratch buffer that launch_reroute needs (0 for the single-block path).
 size_t reroute_workspace_bytes(int64_t num_tokens, int top_k, int num_experts);

@@ -23,6 +23,7 @@
 
 #include <math.h>
 
+#include "fill_cuda.cuh"
 #include "reroute_common.cuh"
 
 namespace sere {
@@ -141,6 +142,59 @@ __device__ void bitonic_sort(KeyT* keys, int len) {
   }
 }
 
+// Refill of token t by one whole warp (sere.reference.refill_dropped; call warp-uniformly):
+// its j-th dropped slot with a nonzero weight takes the j-th loaded expert that its new ids do
+// not hold yet, best router score first, with weight score x (sum of its top-k weights / sum of
+// their scores); a slot without one (or with a NaN score) stays dropped.
+template <typename IdT, typename WeightT, typename Loaded, typename Dropped>
+__device__ void refill_token(
+    const IdT* __restrict__ topk_ids,          // [T, K]
+    const WeightT* __restrict__ topk_weights,  // [T, K]
+    const ScoreView& scores,                   // [T, E]
+    IdT* new_ids,                              // [T, K], decided
+    WeightT* new_weights,                      // [T, K], decided
+    int t,
+    int top_k,
+    int num_experts,
+    const Loaded& is_loaded,
+    const Dropped& is_dropped) {               // is_dropped(slot index i)
+  const int row = t * top_k;
+  const auto is_live = [&](int s) { return is_dropped(row + s) && to_float(topk_weights[row + s]) != 0.0f; };
+  int count = 0;
+  float weight_sum = 0.0f;
+  float score_sum = 0.0f;
+  for (int s = 0; s < top_k; ++s) {
+    count += is_live(s);
+    const IdT e = topk_ids[row + s];
+    weight_sum = __fadd_rn(weight_sum, to_float(topk_weights[row + s]));
+    score_sum = __fadd_rn(score_sum, valid_id(e, num_experts) ? score_at(scores, t, static_cast<int>(e)) : 0.0f);
+  }
+  if (count == 0) {
+    return;
+  }
+  const float scale = __fdiv_rn(weight_sum, clamp_min_tiny(score_sum));  // weight per unit of score
+  const auto is_excluded = [&](int e) {  // chosen by the token already (before the refill)
+    for (int s = 0; s < top_k; ++s) {
+      if (!is_live(s) && new_ids[row + s] == static_cast<IdT>(e)) {  // lane 0 writes only live slots
+        return true;
+      }
+    }
+    return false;
+  };
+  const auto on_pick = [&](int j, int e, float score) {
+    if (threadIdx.x % kWarpSize != 0 || isnan(score)) {
+      return;
+    }
+    for (int s = 0, rank = 0; s < top_k; ++s) {
+      if (is_live(s) && rank++ == j) {
+        new_ids[row + s] = static_cast<IdT>(e);
+        new_weights[row + s] = from_float<WeightT>(__fmul_rn(score, scale));
+      }
+    }
+  };
+  warp_fill_picks(scores, t, num_experts, count, is_loaded, is_excluded, on_pick);
+}
+
 template <typename IdT, typename WeightT, typename ErrT>
 __global__ void __launch_bounds__(kThreads) reroute_err_kernel(
     const IdT* __restrict__ topk_ids,          // [T, K]
@@ -157,7 +211,8 @@ __global__ void __launch_bounds__(kThreads) reroute_err_kernel(
     float tolerance,
     float keep_cost,
     int max_distinct,                          // <= 0: no budget
-    bool renormalize) {
+    bool renormalize,
+    ScoreView router_scores) {                 // [T, E], or data nullptr: no refill
   extern __shared__ __align__(16) unsigned char smem[];
   const int num_slots = num_tokens * top_k;
   const bool use_budget = max_distinct > 0;
@@ -283,7 +338,12 @@ __global__ void __launch_bounds__(kThreads) reroute_err_kernel(
   }
 
   // Decide every slot: keep (critical), substitute, or drop.
-  unsigned rerouted = 0;
+  const auto is_critical = [&](int i, IdT e) { return keep[e] && cost_of(i, static_cast<int>(e)) > keep_cost; };
+  const auto is_dropped = [&](int i) {  // a secondary outside P, neither kept nor substituted
+    const IdT e = topk_ids[i];
+    return i % top_k >= num_primary && valid_id(e, num_experts) && !in_primary[e] && !is_critical(i, e) &&
+           !(best_err[e] < tolerance);
+  };
   unsigned critical = 0;
   unsigned dropped = 0;
   for (int i = tid; i < num_slots; i += blockDim.x) {
@@ -292,7 +352,7 @@ __global__ void __launch_bounds__(kThreads) reroute_err_kernel(
     IdT new_e = e;
     WeightT weight = topk_weights[i];
     if (i - t * top_k >= num_primary && valid_id(e, num_experts) && !in_primary[e]) {
-      if (keep[e] && cost_of(i, static_cast<int>(e)) > keep_cost) {
+      if (is_critical(i, e)) {
         ++critical;
       } else if (best_err[e] < tolerance) {
         new_e = static_cast<IdT>(best_id[e]);
@@ -302,16 +362,29 @@ __global__ void __launch_bounds__(kThreads) reroute_err_kernel(
         ++dropped;
       }
     }
-    rerouted += new_e != e;
     new_ids[i] = new_e;
     new_weights[i] = weight;
+  }
+
+  if (router_scores.data != nullptr) {  // block-uniform
+    __syncthreads();  // a token's new ids were written by several threads
+    const auto is_loaded = [&](int e) { return in_primary[e] || keep[e]; };
+    for (int t = warp; t < num_tokens; t += num_warps) {  // warp-uniform
+      refill_token(topk_ids, topk_weights, router_scores, new_ids, new_weights, t, top_k, num_experts, is_loaded,
+                   is_dropped);
+    }
+  }
+  __syncthreads();  // every token's final ids are written
+  unsigned rerouted = 0;
+  for (int i = tid; i < num_slots; i += blockDim.x) {
+    const IdT new_e = new_ids[i];
+    rerouted += new_e != topk_ids[i];
     if (valid_id(new_e, num_experts)) {
       after[new_e] = 1;
     }
   }
 
   if (renormalize) {  // every token, like the reference: scale = original sum / new sum
-    __syncthreads();  // a token's new weights were written by several threads
     for (int t = tid; t < num_tokens; t += blockDim.x) {
       const int64_t row = static_cast<int64_t>(t) * top_k;
       float old_sum = 0.0f;
@@ -365,7 +438,7 @@ cudaError_t launch_reroute_err(const RerouteErrArgs<IdT, WeightT, ErrT>& args, c
   kernel<<<1, kThreads, smem, stream>>>(
       args.topk_ids, args.topk_weights, args.error, args.primary, args.new_ids, args.new_weights,
       args.stats, static_cast<int>(num_tokens), args.top_k, args.num_primary, num_experts,
-      args.tolerance, args.keep_cost, budget, args.renormalize);
+      args.tolerance, args.keep_cost, budget, args.renormalize, args.router_scores);
   return cudaGetLastError();
 }
 

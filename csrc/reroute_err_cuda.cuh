@@ -43,6 +43,7 @@ struct RerouteErrArgs {
   float keep_cost;              // float32(keep_cost) >= 0 or +inf
   int64_t max_distinct;         // <= 0: no budget
   bool renormalize;
+  ScoreView router_scores;      // [T, E], or data nullptr: no refill of the dropped slots
 };
 
 // Error-aware re-routing, exact like the reference (ids and weights; renormalised weights up to

@@ -7,8 +7,9 @@
 # :8080, dashboard on :8265), `serve deploy serve_config.yaml`, wait for /v1/models and /health
 # (the engine is up), send one chat completion.
 # Environment knobs: SERE_SERVE_CONFIG (default serve_config.yaml), SERE_READY_TIMEOUT (s, default
-# 600), SERE_NUM_CPUS (logical CPUs of the head, default 2), SERE_API_KEY (when set, the service
-# requires `Authorization: Bearer $SERE_API_KEY`).
+# 600), SERE_NUM_CPUS (logical CPUs of the head, default 2), SERE_API_KEY_FILE or SERE_API_KEY
+# (when set, the service requires `Authorization: Bearer <key>`; the key is never printed).
+# Everything binds to 127.0.0.1 (service, dashboard, metrics).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
@@ -20,6 +21,13 @@ LOGS=/tmp/ray/session_latest/logs
 start=$(date +%s)
 
 bash scripts/setup_env.sh
+# A key file wins over SERE_API_KEY (the ingress reads it the same way); the checks below send
+# the key, and nothing here prints it.
+if [ -n "${SERE_API_KEY_FILE:-}" ]; then
+    [ -s "$SERE_API_KEY_FILE" ] || { echo "[serve] SERE_API_KEY_FILE=$SERE_API_KEY_FILE is missing or empty" >&2; exit 1; }
+    SERE_API_KEY=$(tr -d '[:space:]' < "$SERE_API_KEY_FILE")
+    export SERE_API_KEY SERE_API_KEY_FILE
+fi
 PY=$REPO/.venv/bin/python
 export PATH=$REPO/.venv/bin:$PATH
 # Token auth would make later CLI calls fail; usage stats would phone home; all on loopback.
@@ -32,8 +40,8 @@ export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
 
 if ray status --address 127.0.0.1:6379 >/dev/null 2>&1; then
     echo "[serve] reusing the Ray cluster already running at 127.0.0.1:6379"
-    # The ingress reads SERE_API_KEY from the environment its Ray node was started with.
-    [ -n "${SERE_API_KEY:-}" ] && echo "[serve] NOTE: SERE_API_KEY is enforced only if it was set when that cluster started (else: ray stop, rerun)"
+    # The ingress reads SERE_API_KEY(_FILE) from the environment its Ray node was started with.
+    [ -n "${SERE_API_KEY:-}" ] && echo "[serve] NOTE: the API key is enforced only if it was set when that cluster started (else: ray stop, rerun)"
 else
     echo "[serve] starting a local Ray head (127.0.0.1, metrics :8080, dashboard :8265)"
     ray start --head --node-ip-address 127.0.0.1 --port 6379 \

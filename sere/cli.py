@@ -6,8 +6,8 @@
     sere <command> --help
 
 Each command is the `main(argv, prog=...)` of its module (sere.hf.<command>), which owns its
-parser: `sere calibrate ...` and `python -m sere.calibrate ...` are the same program. The tool
-module is imported only when its command runs, so `sere --help` does not load torch.
+parser: `sere calibrate ...` and `python -m sere.calibrate ...` are the same program. A tool
+module (and transformers with it) is imported only when its command runs.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Locality-aware SERE targets (docs/spec.md §7).
+"""Locality-aware SERE targets (SERE_SPEC section 5).
 
 Shape legend:
     T  tokens      E  routed experts      K  top-k slots      S  num_primary
@@ -142,7 +142,7 @@ def allowed_experts(
     first = ~((units[:, :, None] == units[:, None, :]) & earlier).any(dim=2)  # [T, K] unit's first slot
     take = torch.arange(top_k, device=ids.device)[None, :] < num_primary  # [1, K]
     if max_units is not None:
-        take = take | (first.long().cumsum(dim=1) < max_units)  # the first M distinct units
+        take = take | (first.long().cumsum(dim=1) - 1 < max_units)  # the first M distinct units
     ok_unit = torch.zeros(ids.shape[0], num_units + 1, dtype=torch.bool, device=ids.device)  # [T, U+1]
     token_idx = torch.arange(ids.shape[0], device=ids.device)[:, None]
     ok_unit[token_idx, torch.where(first & take, units, num_units)] = True  # column U: not taken

@@ -28,7 +28,7 @@ from typing import TypeVar
 
 from tqdm import tqdm
 
-__all__ = ["Progress", "progress", "log", "format_seconds"]
+__all__ = ["Progress", "progress", "log", "format_seconds", "stderr_is_tty"]
 
 T = TypeVar("T")
 
@@ -50,7 +50,8 @@ def format_seconds(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
-def _stderr_is_tty() -> bool:
+def stderr_is_tty() -> bool:
+    """Whether stderr is a terminal (then bars are drawn, else plain lines are logged)."""
     isatty = getattr(sys.stderr, "isatty", None)
     return bool(isatty and isatty())
 
@@ -98,7 +99,7 @@ class Progress:
         self._sink = sink or log
         self._enabled, self._closed = enabled, False
         self._bar = None
-        if enabled and (_stderr_is_tty() if tty is None else tty):
+        if enabled and (stderr_is_tty() if tty is None else tty):
             self._bar = tqdm(total=total, desc=desc, initial=initial, unit=unit, leave=leave,
                              file=sys.stderr, dynamic_ncols=True)
         self._start = self._last_line_at = time.monotonic()

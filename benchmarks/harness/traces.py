@@ -15,12 +15,12 @@ dispatches.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-__all__ = ["RoutingTrace", "load_model", "heldout_batch", "capture_routing", "synthetic_trace", "trace_similarity", "split_step", "expert_weights"]
+__all__ = ["RoutingTrace", "load_model", "heldout_batch", "capture_routing", "synthetic_trace", "trace_matrices", "split_step", "expert_weights"]
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "models" / "tiny-moe"
 
@@ -34,39 +34,27 @@ class RoutingTrace:
     router_probs: dict[int, torch.Tensor]  # layer -> [B, P, E] float32
     num_experts: int
     hidden_size: int
-    source: str  # "model:<path>", "random-model" or "synthetic:zipf<s>"
+    source: str  # the model directory's name, or "synthetic:E<E>-zipf<s>"
+    matrices: dict = field(default_factory=dict)  # {"similarity" | "substitution_error": {layer: [E, E]}}
+    matrix_note: str = ""  # where the matrices come from
 
 
-def load_model(path: str | Path = DEFAULT_MODEL, seed: int = 0):
-    """(model in float32 eval mode, tokenizer or None, is_real). A tiny random Qwen3-MoE with the
-    trained model's shapes stands in while `path` holds no checkpoint.
-    """
-    try:
-        from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3MoeConfig, Qwen3MoeForCausalLM
-    except ImportError as exc:  # pragma: no cover
-        raise ImportError("routing traces need transformers: pip install 'transformers>=5.16,<5.20'") from exc
+def load_model(path: str | Path = DEFAULT_MODEL):
+    """(model in float32 eval mode, tokenizer). A directory without a checkpoint is an error."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     path = Path(path)
-    if (path / "config.json").is_file():
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
-        return model, AutoTokenizer.from_pretrained(str(path)), True
-    torch.manual_seed(seed)
-    config = Qwen3MoeConfig(
-        vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=64, moe_intermediate_size=64, num_experts=64, num_experts_per_tok=8,
-        norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[], tie_word_embeddings=True,
-    )
-    model = Qwen3MoeForCausalLM(config).eval()
-    with torch.no_grad():  # HF init leaves the router at zero: give it something to choose
-        for layer in model.model.layers:
-            layer.mlp.gate.weight.normal_(0.0, 0.5)
-    return model, None, False
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"no model checkpoint in {path} (expected {path / 'config.json'})")
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(str(path))
 
 
-def heldout_batch(tokenizer, num_seqs: int, seq_len: int, path: str | Path | None = None, vocab: int = 512):
-    """[B, P] token ids: B windows spread over the held-out text, or random ids without one."""
-    path = Path(path) if path is not None else DEFAULT_MODEL / "heldout.txt"
-    if tokenizer is None or not path.is_file():
-        return torch.randint(0, vocab, (num_seqs, seq_len), generator=torch.Generator().manual_seed(0))
+def heldout_batch(tokenizer, num_seqs: int, seq_len: int, path: str | Path) -> torch.Tensor:
+    """[B, P] token ids: B windows spread over the held-out text at `path` (an error if missing)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"held-out text not found: {path}")
     ids = torch.tensor(tokenizer(path.read_text(errors="replace"))["input_ids"], dtype=torch.long)
     if ids.numel() < seq_len + 1:
         raise ValueError(f"{path} holds only {ids.numel()} tokens")
@@ -109,46 +97,47 @@ def capture_routing(model, input_ids: torch.Tensor, source: str, chunk: int = 64
 
 def synthetic_trace(
     num_seqs: int, seq_len: int, num_experts: int = 256, top_k: int = 8, zipf_s: float = 1.0,
-    num_layers: int = 1, hidden_size: int = 7168, seed: int = 0,
+    num_layers: int = 1, hidden_size: int = 7168, seed: int = 0, latent_dim: int = 16, affinity: float = 1.0,
 ) -> RoutingTrace:
-    """Skewed routing: expert popularity ~ Zipf(s) (a random permutation of ranks), each token's
-    top-k drawn without replacement by Gumbel top-k on log-popularity + token noise; the router
-    probabilities are the softmax of those perturbed logits (DeepSeek-V3-like at the defaults).
+    """Skewed, structured routing with a stated similarity (a synthetic trace has no calibration).
+
+    Every expert e has a unit vector u_e in R^latent_dim and a Zipf(s) popularity (a random
+    permutation of ranks); token t draws z_t ~ N(0, I) and its logits are
+    `-s log(rank_e) + affinity <z_t, u_e> + Gumbel noise`; top-k by those logits, weights and
+    router probabilities from their softmax. Experts with close u_e are chosen by the same
+    tokens, so `trace.matrices["similarity"]` = (cos(u_e, u_f) + 1) / 2 is the construction's own
+    similarity (stated in `trace.matrix_note`). No substitution-error matrix exists for it.
     """
     gen = torch.Generator().manual_seed(seed)
-    ids, weights, probs = {}, {}, {}
+    ids, weights, probs, sims = {}, {}, {}, {}
     for layer in range(num_layers):
         rank = torch.randperm(num_experts, generator=gen).float() + 1  # [E]
-        log_pop = -zipf_s * torch.log(rank)  # [E]
+        u = torch.nn.functional.normalize(torch.randn(num_experts, latent_dim, generator=gen), dim=1)  # [E, D]
+        z = torch.randn(num_seqs, seq_len, latent_dim, generator=gen)  # [B, P, D]
         gumbel = -torch.log(-torch.log(torch.rand(num_seqs, seq_len, num_experts, generator=gen).clamp_min(1e-12)))
-        logits = log_pop + gumbel  # [B, P, E]
+        logits = -zipf_s * torch.log(rank) + affinity * z @ u.T + gumbel  # [B, P, E]
         p = logits.softmax(-1)
         w, i = p.topk(top_k, dim=-1)
         ids[layer], weights[layer], probs[layer] = i, w / w.sum(-1, keepdim=True), p
+        sim = (u @ u.T + 1) / 2
+        sims[layer] = sim.fill_diagonal_(1.0)
+    note = (f"synthetic construction: similarity = (cos(u_e, u_f) + 1) / 2 of the generator's expert vectors "
+            f"(latent_dim {latent_dim}, affinity {affinity}); no substitution-error matrix, sere-err not run")
     return RoutingTrace(list(range(num_layers)), None, ids, weights, probs, num_experts, hidden_size,
-                        f"synthetic:zipf{zipf_s:g}")
+                        f"synthetic:E{num_experts}-zipf{zipf_s:g}", {"similarity": sims}, note)
 
 
-def trace_similarity(num_experts: int, layers: list[int], model_dir: str | Path | None = None, seed: int = 0):
-    """({layer: [E, E]}, source): the model's sidecar when present, else a random symmetric
-    similarity built from random expert embeddings ((cos + 1) / 2, diagonal 1).
-    """
-    from sere.sidecars import SidecarError, load_sidecar
+def trace_matrices(model_dir: str | Path, num_experts: int, layers: list[int]) -> tuple[dict, str]:
+    """({"similarity": {layer: [E, E]}, "substitution_error": {...}}, note) from the model's own
+    calibrated sidecars; a missing or mismatched sidecar raises `sere.sidecars.SidecarError`."""
+    from sere.sidecars import ERROR_SIDECAR_NAME, SIDECAR_NAME, load_sidecar
 
-    if model_dir is not None:
-        try:
-            sidecar = load_sidecar(model_dir, num_experts=num_experts, layer_ids=layers)
-            return {i: sidecar.matrix(i) for i in layers}, f"sidecar:{sidecar.metric}"
-        except SidecarError:
-            pass
-    gen = torch.Generator().manual_seed(seed)
-    sims = {}
-    for i in layers:
-        emb = torch.nn.functional.normalize(torch.randn(num_experts, 16, generator=gen), dim=1)
-        sim = (emb @ emb.T + 1) / 2
-        sim.fill_diagonal_(1.0)
-        sims[i] = sim
-    return sims, "random"
+    out, notes = {}, []
+    for kind, name in (("similarity", SIDECAR_NAME), ("substitution_error", ERROR_SIDECAR_NAME)):
+        sidecar = load_sidecar(Path(model_dir) / name, num_experts=num_experts, layer_ids=layers)
+        out[kind] = {i: sidecar.matrix(i) for i in layers}
+        notes.append(f"{name} ({sidecar.metric})")
+    return out, "calibrated sidecars: " + ", ".join(notes)
 
 
 def split_step(trace: RoutingTrace, layer: int, batch: int, position: int, world_size: int) -> dict[str, list]:

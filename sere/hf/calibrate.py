@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from sere.hf.moe import MoeBlock, down_matrices, expert_down, expert_hidden, find_moe_blocks
-from sere.progress import Progress, log, progress
+from sere.progress import Progress, log, progress, stderr_is_tty
 from sere.sidecars import SIDECAR_NAME, save_sidecar
 
 __all__ = ["METRICS", "read_text", "load_model", "tokenize", "capture_layer_inputs",
@@ -76,8 +76,11 @@ def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32):
     """(model in eval mode, tokenizer) from a Hugging Face directory."""
     try:
         from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as transformers_logging
     except ImportError as exc:  # pragma: no cover
         raise SystemExit("transformers is required: pip install 'transformers>=5.16'") from exc
+    if not stderr_is_tty():  # its weight-loading bar would write carriage-return frames into logs
+        transformers_logging.disable_progress_bar()
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise SystemExit(f"not a Hugging Face model directory (no config.json): {model_dir}")

@@ -75,20 +75,21 @@ def _patch_cpu_experts() -> None:
     from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUUnquantizedExperts
 
     apply = CPUUnquantizedExperts.apply
-    signature = inspect.signature(apply)
-    map_index = list(signature.parameters).index("expert_map") - 1  # position after self
+    names = list(inspect.signature(apply).parameters)[1:]  # after self; read once, not per call
 
+    # NOTE: traced by Dynamo in vLLM's compiled mode (the CPU MoE forward is inlined): plain
+    # dict and tensor operations only, no inspect.Signature.bind per call.
     def _apply(self, *args, **kwargs):
-        expert_map = args[map_index] if len(args) > map_index else kwargs.get("expert_map")
+        kwargs = {**dict(zip(names, args)), **kwargs}
+        expert_map = kwargs.get("expert_map")
         if expert_map is None:  # no EP: vLLM's call, untouched
-            return apply(self, *args, **kwargs)
-        bound = signature.bind(self, *args, **kwargs)
-        topk_ids = bound.arguments["topk_ids"]  # [T, K] global ids
+            return apply(self, **kwargs)
+        topk_ids = kwargs["topk_ids"]  # [T, K] global ids
         local_ids = expert_map[topk_ids.long()]  # [T, K], -1: another rank's expert
         owned = local_ids >= 0
-        bound.arguments["topk_weights"] = torch.where(owned, bound.arguments["topk_weights"], 0.0).contiguous()
-        bound.arguments["topk_ids"] = torch.where(owned, local_ids, 0).to(topk_ids.dtype).contiguous()
-        return apply(*bound.args, **bound.kwargs)
+        kwargs["topk_weights"] = torch.where(owned, kwargs["topk_weights"], 0.0).contiguous()
+        kwargs["topk_ids"] = torch.where(owned, local_ids, 0).to(topk_ids.dtype).contiguous()
+        return apply(self, **kwargs)
 
     CPUUnquantizedExperts.apply = _apply
 

@@ -1,0 +1,164 @@
+"""SERE's configuration in a vLLM engine: where it comes from, and the checks at engine start.
+
+`hf_overrides={"sere": {...}}` (per model) or `$SERE_CONFIG` (JSON, every MoE model of a process
+tree). `validate_engine_config` runs in the caller's process when vLLM builds the engine config
+(`sere.vllm.plugin` wraps `EngineArgs.create_engine_config`), before any worker starts: a bad
+field, a model that does not fit, a missing or mismatched sidecar, or a compilation mode SERE
+cannot run in fails there with a message naming the cause.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+from sere import policy
+from sere.config import SereConfig
+from sere.sidecars import ERROR_METRIC, ERROR_SIDECAR_NAME, SIDECAR_NAME, Sidecar, load_sidecar
+from sere.vllm.routing import ENV_RECORD
+
+__all__ = [
+    "COMPILE_CACHE_MARKER", "ENV_CONFIG", "config_from_vllm", "cuda_graphs_on", "parse_config",
+    "validate_engine_config",
+]
+
+logger = logging.getLogger("vllm.sere")
+
+ENV_CONFIG = "SERE_CONFIG"
+# Added to vllm_config.additional_config when SERE is on: it enters the config hash that keys
+# vLLM's compile cache (hf_overrides does not), so SERE and plain vLLM never share a compiled graph.
+COMPILE_CACHE_MARKER = ("sere", "sere::route_layer v1")
+
+_sidecars: dict[tuple[str, int], Sidecar] = {}
+
+
+def parse_config(raw, source: str) -> SereConfig:
+    """A SereConfig from a dict or JSON string; ValueError naming the field and the source."""
+    from pydantic import ValidationError
+
+    try:
+        if isinstance(raw, str):
+            raw = json.loads(raw)
+        if isinstance(raw, SereConfig):
+            return raw
+        if not isinstance(raw, dict):
+            raise ValueError(f"expected a JSON object of SereConfig fields, got {type(raw).__name__}")
+        return SereConfig(**raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'config'}: {err['msg']}" for err in exc.errors()
+        )
+        raise ValueError(f"sere: invalid SERE config in {source}: {problems}") from None
+    except (json.JSONDecodeError, ValueError) as exc:
+        raise ValueError(f"sere: invalid SERE config in {source}: {exc}") from None
+
+
+def config_from_vllm(vllm_config) -> tuple[SereConfig, str] | None:
+    """(config, source) from `hf_overrides["sere"]`, else from $SERE_CONFIG; None when off."""
+    model_config = getattr(vllm_config, "model_config", None)
+    overrides = getattr(model_config, "hf_overrides", None)
+    if isinstance(overrides, dict) and overrides.get("sere") is not None:
+        return parse_config(overrides["sere"], "hf_overrides['sere']"), "hf_overrides"
+    raw = os.environ.get(ENV_CONFIG, "").strip()
+    if raw:
+        return parse_config(raw, f"${ENV_CONFIG}"), "env"
+    return None
+
+
+def _model_moe_shape(hf_config) -> tuple[int | None, int | None]:
+    """(routed experts E, top_k) from an HF config, None where the model does not say."""
+    def first(*names):
+        for name in names:
+            value = getattr(hf_config, name, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return None
+
+    return (
+        first("num_experts", "n_routed_experts", "num_local_experts", "moe_num_experts"),
+        first("num_experts_per_tok", "moe_topk", "num_experts_per_token", "moe_k"),
+    )
+
+
+def _sidecar_path(cfg: SereConfig, model_config) -> Path:
+    """The sidecar file of the matrix `policy.matrix_kind(cfg)` names."""
+    if cfg.similarity_path:
+        return Path(cfg.similarity_path)
+    name = ERROR_SIDECAR_NAME if policy.matrix_kind(cfg) == "substitution_error" else SIDECAR_NAME
+    model_dir = Path(str(model_config.model))
+    if not model_dir.is_dir():
+        raise ValueError(
+            f"sere: similarity_path is not set and the model {model_config.model!r} is not a local "
+            f"directory to find {name} in; set similarity_path"
+        )
+    return model_dir / name
+
+
+def _sidecar(path: Path, num_experts: int, cfg: SereConfig) -> Sidecar:
+    key = (str(path), num_experts)
+    if key not in _sidecars:
+        _sidecars[key] = load_sidecar(path, num_experts=num_experts)
+    sidecar = _sidecars[key]
+    errors = policy.matrix_kind(cfg) == "substitution_error"
+    if (sidecar.metric == ERROR_METRIC) != errors:
+        want = f"a {ERROR_METRIC} sidecar (python -m sere.substitution)" if errors else "a similarity sidecar"
+        raise ValueError(f"sere: policy {cfg.policy!r} needs {want}, but {path} holds metric {sidecar.metric!r}")
+    return sidecar
+
+
+def validate_engine_config(vllm_config) -> SereConfig | None:
+    """Front-end check at engine start: config fields, model fit, sidecar presence and shape."""
+    found = config_from_vllm(vllm_config)
+    if found is None:
+        return None
+    cfg, source = found
+    model_config = vllm_config.model_config
+    num_experts, top_k = _model_moe_shape(model_config.hf_text_config)
+    if num_experts is None or top_k is None:
+        if source == "env":  # a process-wide default: leave dense models alone
+            logger.info("sere: %s is not a routed MoE model; SERE is off for it", model_config.model)
+            return None
+        raise ValueError(f"sere: hf_overrides['sere'] is set but {model_config.model!r} has no routed experts")
+    try:
+        cfg.check_model(top_k=top_k, num_experts=num_experts)
+    except ValueError as exc:
+        where = "hf_overrides['sere']" if source == "hf_overrides" else f"${ENV_CONFIG}"
+        raise ValueError(f"sere: invalid SERE config in {where} for {model_config.model!r}: {exc}") from None
+    if policy.matrix_kind(cfg) is not None:
+        _sidecar(_sidecar_path(cfg, model_config), num_experts, cfg)
+    _check_compilation(vllm_config)
+    _mark_compile_cache(vllm_config)
+    logger.info("sere: %s on %s (config from %s)", cfg, model_config.model, source)
+    return cfg
+
+
+def cuda_graphs_on(vllm_config) -> bool:
+    """Whether vLLM will capture CUDA graphs (never on CPU, whatever the config asks)."""
+    from vllm.config import CUDAGraphMode
+
+    compilation = vllm_config.compilation_config
+    return compilation.cudagraph_mode != CUDAGraphMode.NONE and vllm_config.device_config.device_type != "cpu"
+
+
+def _check_compilation(vllm_config) -> None:
+    """Refuse what cannot work compiled: records copy to the host on every call, which a
+    captured CUDA graph would run once, at capture."""
+    if os.environ.get(ENV_RECORD, "0") == "1" and cuda_graphs_on(vllm_config):
+        mode = vllm_config.compilation_config.cudagraph_mode.name
+        raise ValueError(
+            f"sere: {ENV_RECORD}=1 records every routing call on the host, which cannot run inside "
+            f"CUDA graphs (cudagraph_mode={mode}); unset {ENV_RECORD}, or start the engine with "
+            "enforce_eager=True or compilation_config={'cudagraph_mode': 'NONE'}"
+        )
+
+
+def _mark_compile_cache(vllm_config) -> None:
+    extra = vllm_config.additional_config
+    if not isinstance(extra, dict):
+        raise ValueError(
+            "sere: vllm_config.additional_config is not a dict; SERE needs to add "
+            f"{COMPILE_CACHE_MARKER[0]!r} to it (it keys vLLM's compile cache)"
+        )
+    extra[COMPILE_CACHE_MARKER[0]] = COMPILE_CACHE_MARKER[1]
