@@ -87,7 +87,7 @@ def _gloo_worker(rank, world, data_path, labels, warmup, repeats):
                 if i >= warmup:
                     times.append(info.seconds)
             out[label].append({"send_rows": info.send_rows.tolist(), "row_bytes": info.row_bytes,
-                               "computed": info.local_experts_computed, "ids": info.topk_ids, "seconds": times})
+                               "computed": info.local_experts_computed, "ids": info.topk_ids.tolist(), "seconds": times})
     return out
 
 
@@ -114,7 +114,8 @@ def _summarise_gloo(label, per_rank, placement, row_bytes):
             r = per_rank[src][label][s]
             total["rows"] += sum(r["send_rows"])
             total["cross_rows"] += sum(n for dst, n in enumerate(r["send_rows"]) if node[dst] != node[src])
-            counts = unit_counts(r["ids"], placement.expert_to_rank, placement.rank_to_node, src).tolist()
+            ids = torch.tensor(r["ids"], dtype=torch.int64)  # [T_src, K] (every rank holds tokens here)
+            counts = unit_counts(ids, placement.expert_to_rank, placement.rank_to_node, src).tolist()
             for name, value in zip(UNIT_FIELDS, counts):
                 total[name] += value
         total["max_distinct"] += max(per_rank[src][label][s]["computed"] for src in range(world))
@@ -145,7 +146,7 @@ def real_gloo(args, model, trace, labels) -> list[dict]:
         path = os.path.join(tmp, "steps.pt")
         torch.save(data, path)
         per_rank = run_group(_gloo_worker, world, (path, labels, args.warmup, args.repeats), port=args.port or free_port(),
-                             timeout_s=580)
+                             timeout_s=args.gloo_timeout)
     for r in per_rank:
         if isinstance(r, RankFailure):
             raise RuntimeError(f"{r.kind}: {r.message}\n{r.trace}")
@@ -187,6 +188,7 @@ def parse_args(argv=None):
     parser.add_argument("--gloo-ranks-per-node", type=int, default=2)
     parser.add_argument("--gloo-batch", type=int, default=64)
     parser.add_argument("--gloo-dtype", choices=list(DTYPES), default="bf16")
+    parser.add_argument("--gloo-timeout", type=float, default=580.0, help="seconds before the gloo run counts as hung")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--port", type=int, default=None, help="rendezvous port (default: a free one in 29600-29699)")

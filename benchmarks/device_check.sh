@@ -5,9 +5,11 @@
 # (/work/shared/ENVIRONMENT.md, section CUDA). Steps, in this order, each with its own time limit:
 #   env              versions, GPU, compilers                            (device_probe.py env)
 #   build            sere._C against that machine's torch, CUDA kernels included (setup.py build_ext)
+#   (cuda_compile    dry run only: the CUDA sources compiled as that build would, cuda_build_check.py)
 #   imports          sere, sere.ops, sere.reference, sere.policy import without the absent packages,
 #                    and sere._C has cuda kernels                         (device_probe.py imports)
-#   gpu_tests        pytest -m gpu over every test file that has `gpu` tests (first: they matter most)
+#   gpu_tests        pytest -m gpu over the test files with `gpu` tests that import nothing absent there
+#                    (benchmarks/gpu_test_files.py; first of the tests and benchmarks: they matter most)
 #   bench_reroute    the op vs the reference, CUDA-graph replay, one MoE layer's expert loop
 #   bench_moe_layer  the grouped-GEMM MoE layer under a CUDA graph, topk vs sere, roofline
 #   report           device_report.py merges everything into results.json and summary.txt
@@ -23,21 +25,20 @@
 # The dry run emulates that machine, then runs this same script there: a copy of what the run tool
 # sends (tracked and untracked-not-ignored files, at most 64 MiB) in build/device-dry/repo, a venv
 # with only the machine's packages (device_env.sh), `python` failing as it does there, no network
-# (unshare -n). Every step that needs no GPU runs: build (CPU kernels), imports, the GPU test files
-# collected (each test skipped "needs a CUDA GPU"), bench_reroute's CPU path with tiny sizes;
-# bench_moe_layer only imports its CUDA path and prints the command it would run. The dry run
+# (unshare -n). Every step that needs no GPU runs: build (CPU kernels), cuda_compile, imports, the
+# GPU test files collected (each test skipped "needs a CUDA GPU"), bench_reroute's CPU path with
+# tiny sizes; bench_moe_layer runs its CUDA command up to the refusal of a machine without GPU. The dry run
 # multiplies every limit by DRY_RUN_LIMIT_SCALE (default 4: 2 shared cores here, 16 there); it
 # checks what runs, not the device time, which the limits' sum above bounds.
 # DEVICE_CHECK_REUSE_BUILD=1 (dry run only) copies the checkout's sere/_C*.so into the emulated
 # machine instead of compiling it there (the CPU build takes minutes on 2 cores; CI's test uses it).
 set -euo pipefail
 
-declare -A LIMIT=([env]=30 [build]=150 [imports]=30 [gpu_tests]=120 [bench_reroute]=50 [bench_moe_layer]=30 [report]=10
-  [gpu_test_files]=0)
+declare -A LIMIT=([env]=30 [build]=150 [imports]=30 [gpu_tests]=120 [bench_reroute]=50 [bench_moe_layer]=30 [report]=10)
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 mode=gpu
 if [[ "${1:-}" == "--dry-run" || "${DRY_RUN:-0}" == "1" ]]; then
-  mode=dry-run
+  mode="dry-run"
 elif [[ $# -gt 0 ]]; then
   echo "usage: $0 [--dry-run]" >&2
   exit 2
@@ -64,7 +65,7 @@ emulate_device() {
   exec 8> "${dry}.lock"  # one dry run at a time; the lock passes to the emulated run below
   flock 8
   py="$(bash "${repo}/benchmarks/device_env.sh" | tail -n 1)"
-  rm -rf "${dry}/repo" "${dry}/bin" "${dry}/prebuilt"
+  rm -rf "${dry:?}/repo" "${dry:?}/bin" "${dry:?}/prebuilt"
   mkdir -p "${dry}/repo" "${dry}/bin"
   copy_sent_files "${dry}/repo"
   if [[ "${DEVICE_CHECK_REUSE_BUILD:-0}" == 1 ]]; then
@@ -113,6 +114,7 @@ trap 'rm -rf "${work}"' EXIT
 PY="${PYTHON:-python3}"
 if [[ "${mode}" == dry-run ]]; then
   for name in "${!LIMIT[@]}"; do LIMIT[${name}]=$((LIMIT[${name}] * ${DRY_RUN_LIMIT_SCALE:-4})); done
+  LIMIT[cuda_compile]=$((60 * ${DRY_RUN_LIMIT_SCALE:-4}))  # dry run only: the GPU machine builds for real
 fi
 export PYTHONPATH="${repo}${PYTHONPATH:+:${PYTHONPATH}}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
@@ -138,20 +140,6 @@ step() {
   record "${name}" "${status}" "${rc}" $((SECONDS - start)) "${NOTE:-}"
 }
 
-# gpu_test_files: the test files with `gpu` tests. One that imports a package absent there would
-# fail at collection: it is left out and listed in $work/excluded (an error, see below).
-gpu_test_files() {
-  local file
-  for file in tests/test_*.py; do
-    grep -q 'mark\.gpu' "${file}" || continue
-    if grep -Eq '^[[:space:]]*(import|from)[[:space:]]+(pydantic|vllm|ray|deepspeed)\b' "${file}"; then
-      echo "${file}" >> "${work}/excluded"
-    else
-      echo "${file}"
-    fi
-  done
-}
-
 # pytest.main with Python's SIGINT handler restored: a job started in the background may inherit
 # SIGINT ignored, and then the step's time limit would kill pytest before it writes junit.xml.
 PYTEST='import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); import pytest; sys.exit(pytest.main(sys.argv[1:]))'
@@ -167,16 +155,23 @@ if [[ "${mode}" == dry-run && -n "${DEVICE_CHECK_REUSE_BUILD_FROM:-}" ]]; then
 else
   step build "${PY}" "${build[@]}"
 fi
-step imports "${PY}" benchmarks/device_probe.py imports --expect "$([[ ${mode} == gpu ]] && echo cuda || echo cpu)"
-mapfile -t gpu_files < <(gpu_test_files)
-if [[ ${#gpu_files[@]} -eq 0 ]]; then  # pytest without files would run all of tests/
-  record gpu_tests failed 1 0 "no test file with gpu tests found under tests/"
-else
-  step gpu_tests "${PY}" -c "${PYTEST}" -m gpu "${gpu_files[@]}" -v -rs --durations=15 -p no:cacheprovider \
-    --continue-on-collection-errors --junitxml="${out}/junit.xml"
+if [[ "${mode}" == dry-run ]]; then
+  step cuda_compile "${PY}" benchmarks/cuda_build_check.py
 fi
-if [[ -s "${work}/excluded" ]]; then
-  record gpu_test_files failed 1 0 "gpu tests in files that import pydantic/vllm/ray/deepspeed, not run: $(tr '\n' ' ' < "${work}/excluded")"
+step imports "${PY}" benchmarks/device_probe.py imports --expect "$([[ ${mode} == gpu ]] && echo cuda || echo cpu)"
+# the files with gpu tests whose imports need nothing absent there (benchmarks/gpu_test_files.py)
+gpu_files=()
+if "${PY}" benchmarks/gpu_test_files.py > "${work}/gpu_files" 2> "${work}/left_out"; then
+  mapfile -t gpu_files < <(grep . "${work}/gpu_files")
+fi
+tee -a "${log}" < "${work}/left_out"
+left_out="$(cut -d: -f1 "${work}/left_out" | tr '\n' ' ')"
+if [[ ${#gpu_files[@]} -eq 0 ]]; then  # pytest without files would run all of tests/
+  record gpu_tests failed 1 0 "no test file to run: $(tail -n 1 "${work}/left_out")"
+else
+  NOTE="${left_out:+not run (they import a package absent there): ${left_out}}" \
+    step gpu_tests "${PY}" -c "${PYTEST}" -m gpu "${gpu_files[@]}" -v -rs --durations=15 -p no:cacheprovider \
+    --continue-on-collection-errors --junitxml="${out}/junit.xml"
 fi
 if [[ "${mode}" == gpu ]]; then
   step bench_reroute "${PY}" benchmarks/bench_reroute.py --device cuda --tokens 1 8 64 512 \
@@ -186,8 +181,13 @@ if [[ "${mode}" == gpu ]]; then
 else
   step bench_reroute "${PY}" benchmarks/bench_reroute.py --device cpu --tokens 1 8 --shapes 16x4x2 \
     --repeats 3 --warmup 1 --moe-repeats 1 --json "${work}/bench_reroute.json"
-  NOTE="dry run: imports only; on the GPU: bench_moe_layer.py --device cuda ${MOE_LAYER_ARGS[*]}" \
-    step bench_moe_layer "${PY}" -c 'import sys; sys.path.insert(0, "benchmarks"); import bench_moe_layer, moe_layer_cuda'
+  # its CPU path is vLLM's kernel (absent there): the CUDA command runs up to its refusal instead
+  # (arguments parsed, moe_layer_cuda and moe_grouped imported)
+  # shellcheck disable=SC2016  # (the single quotes are bash -c's own script)
+  NOTE="dry run: the GPU command parsed its arguments, imported its CUDA path and refused the CPU" \
+    step bench_moe_layer bash -c 'said=$("${@:2}" 2>&1); rc=$?; echo "${said}"; [[ ${rc} -ne 0 && ${said} == *"$1"* ]]' \
+    _ "no CUDA device visible" "${PY}" benchmarks/bench_moe_layer.py --device cuda "${MOE_LAYER_ARGS[@]}" \
+    --json "${work}/bench_moe_layer.json"
 fi
 
 say "=== report"

@@ -43,7 +43,7 @@ def build_llm_config(args: "dict[str, Any] | AppArgs"):
         "max_ongoing_requests": replica.max_ongoing_requests,
         "health_check_period_s": replica.health_check_period_s,
         "health_check_timeout_s": replica.health_check_timeout_s,
-        # Long enough to drain the longest request the ingress lets run (AppArgs docstring).
+        # Long enough to drain the longest request the ingress lets run (AppArgs.shutdown_timeout_s).
         "graceful_shutdown_timeout_s": args.shutdown_timeout_s(),
         "max_surge_percent": replica.max_surge_percent,
         "ray_actor_options": {"num_cpus": replica.num_cpus},
@@ -100,8 +100,9 @@ def build_app(args: "dict[str, Any] | AppArgs") -> Application:
         graceful_shutdown_timeout_s=args.shutdown_timeout_s(),
     )
     if ingress_args.api_key is not None:
-        logger.warning("ingress.api_key is set in the app args, which `serve config` shows; "
-                       "prefer ingress.api_key_file or $SERE_API_KEY_FILE")
+        # Ray's build task logs the app args of a `serve deploy` and `serve config` shows them.
+        logger.warning("ingress.api_key is set in the app args, which Ray logs and `serve config` "
+                       "shows: use ingress.api_key_file or $SERE_API_KEY_FILE instead")
     api_key = ingress_args.api_key.get_secret_value() if ingress_args.api_key else None
     settings = ingress_args.model_dump(include=set(DEFAULT_SETTINGS))
     return ingress.bind(

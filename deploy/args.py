@@ -127,6 +127,10 @@ class AutoscalingArgs(_Strict):
     max_replicas: int = Field(default=1, ge=1)
     initial_replicas: int | None = Field(default=None, ge=0)
     target_ongoing_requests: float = Field(default=32, gt=0)
+    # How long the load must stay above / below target before Serve adds / removes a replica
+    # (None: Ray's defaults, 30 s / 600 s). A removed replica drains like one in a rollout.
+    upscale_delay_s: float | None = Field(default=None, ge=0)
+    downscale_delay_s: float | None = Field(default=None, ge=0)
 
     @model_validator(mode="after")
     def _ordered(self) -> "AutoscalingArgs":
@@ -172,8 +176,8 @@ class IngressArgs(_Strict):
     num_cpus: float = Field(default=0.1, ge=0)
     num_replicas: int = Field(default=1, ge=1)
     # The key clients must send as `Authorization: Bearer <key>`. Prefer `api_key_file` or the
-    # environment ($SERE_API_KEY, $SERE_API_KEY_FILE of the ingress replica): a key written here
-    # is shown by `serve config`. None of them set means an open endpoint.
+    # environment ($SERE_API_KEY, $SERE_API_KEY_FILE of the ingress replica): Ray logs the args
+    # of a `serve deploy` and `serve config` shows them. None of them set: an open endpoint.
     api_key: SecretStr | None = None
     api_key_file: str | None = Field(default=None, min_length=1)
     # The longest a request may run end to end (a stream is then ended with an error event, a

@@ -6,6 +6,12 @@ scrape. The replica therefore polls the workers' `sere_stats` RPC (one small dic
 re-exports the counters as Ray metrics, which Ray serves as Prometheus text next to vLLM's own
 `ray_vllm_*` series: `ray_sere_steps_total`, `ray_sere_distinct_experts_after_total`, ...
 (labels: model_id, layer, policy, rank) and the gauge `ray_sere_distinct_experts{stage}`.
+
+A replica whose engine died (a worker killed, a GPU fault) would otherwise stay in Serve's routing
+table until three health checks failed (~30 s), and, being the idle-looking one, draw most new
+requests, each failing at once. `_EngineWatchdog` checks the engine every second and ends the
+replica process when it is dead: the routers drop it at once, the ingress retries the requests
+elsewhere (`deploy.resilience`), and the controller starts a replacement.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ __all__ = ["SereDPServer", "SereLLMServer", "SereStatsExporter"]
 logger = logging.getLogger("ray.serve")
 
 ENV_INTERVAL = "SERE_RAY_METRICS_INTERVAL_S"
+ENV_WATCHDOG = "SERE_ENGINE_WATCHDOG_S"  # seconds between engine checks; 0 turns the watchdog off
 _TAGS = ("model_id", "layer", "policy", "rank")
 
 
@@ -108,9 +115,39 @@ class _SereStatsMixin:
                     warned = True
 
 
-class SereLLMServer(_SereStatsMixin, LLMServer):
-    """Ray Serve LLM's `LLMServer` + SERE metrics export."""
+class _EngineWatchdog:
+    """Ends the replica process as soon as its engine is dead (module docstring)."""
+
+    async def start(self):
+        await super().start()
+        self._watchdog = None
+        interval = float(os.environ.get(ENV_WATCHDOG, "1"))
+        if self.engine is not None and interval > 0:
+            self._watchdog = asyncio.get_running_loop().create_task(self._watch_engine(interval))
+
+    async def _watch_engine(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await asyncio.wait_for(self.engine.check_health(), 30)
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:  # noqa: BLE001 - any failure: the engine is gone
+                logger.error("sere: the engine is dead (%s: %s); ending this replica so that Serve "
+                             "routes around it and replaces it", type(error).__name__, error)
+                os._exit(70)  # EX_SOFTWARE; a clean exit_actor() is not possible from a task
+
+    async def __del__(self):
+        watchdog = getattr(self, "_watchdog", None)
+        if watchdog is not None:  # graceful shutdown stops the engine: not a death
+            watchdog.cancel()
+        await super().__del__()
 
 
-class SereDPServer(_SereStatsMixin, DPServer):
-    """Ray Serve LLM's data-parallel `DPServer` (one DP rank per replica) + SERE metrics export."""
+class SereLLMServer(_EngineWatchdog, _SereStatsMixin, LLMServer):
+    """Ray Serve LLM's `LLMServer` + SERE metrics export + the engine watchdog."""
+
+
+class SereDPServer(_EngineWatchdog, _SereStatsMixin, DPServer):
+    """Ray Serve LLM's data-parallel `DPServer` (one DP rank per replica) + SERE metrics export
+    + the engine watchdog."""

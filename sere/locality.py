@@ -78,7 +78,8 @@ def locality_reroute(
 
     ids = topk_ids.long()  # [T, K]
     secondary = ids[:, num_primary:]  # [T, K-S]
-    keep = primary[secondary]  # [T, K-S]
+    # already loaded, or nothing to re-route to (empty P, or a NaN row: as in docs/spec.md §6)
+    keep = primary[secondary] | ~(best_val[secondary] > float("-inf"))  # [T, K-S]
     if threshold > 0:
         keep = keep | (best_val[secondary] < torch.tensor(threshold, dtype=torch.float32))
 

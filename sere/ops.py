@@ -284,12 +284,21 @@ def primary_mask(topk_ids: torch.Tensor, num_experts: int, num_primary: int) -> 
     return torch.ops.sere.primary_mask(topk_ids, num_experts, num_primary)
 
 
-# Fake kernels for torch.compile / opcheck: output shapes and dtypes only; the real kernels
-# check the arguments (csrc/reroute_checks.cpp).
+def _check_devices(topk_ids: torch.Tensor, **tensors: torch.Tensor | None) -> None:
+    """The device rule of csrc/reroute_checks.cpp, for the fake kernels: a call that mixes a
+    meta tensor with real ones is dispatched to the fake kernel, never to a checking one."""
+    for name, tensor in tensors.items():
+        if tensor is not None and tensor.device != topk_ids.device:
+            raise ValueError(f"{name} must be on the device of topk_ids ({topk_ids.device}), got {tensor.device}")
+
+
+# Fake kernels for torch.compile / opcheck: the devices, then output shapes and dtypes; the real
+# kernels check everything else (csrc/reroute_checks.cpp).
 if _COMPILED_DEVICE_TYPES:
 
     @torch.library.register_fake("sere::reroute")
     def _reroute_fake(topk_ids, similarity, num_primary, threshold, primary=None):
+        _check_devices(topk_ids, similarity=similarity, primary=primary)
         return torch.empty_like(topk_ids), topk_ids.new_empty((len(STAT_FIELDS),), dtype=torch.int64)
 
     @torch.library.register_fake("sere::primary_mask")
@@ -304,6 +313,7 @@ if _COMPILED_ERR_DEVICE_TYPES:
         topk_ids, topk_weights, error, num_primary, tolerance, keep_cost, max_distinct, renormalize,
         primary=None, router_scores=None,
     ):
+        _check_devices(topk_ids, topk_weights=topk_weights, error=error, primary=primary, router_scores=router_scores)
         stats = topk_ids.new_empty((len(ERR_STAT_FIELDS),), dtype=torch.int64)  # [6]
         return torch.empty_like(topk_ids), torch.empty_like(topk_weights), stats
 
@@ -312,5 +322,6 @@ if _COMPILED_OEA_DEVICE_TYPES:
 
     @torch.library.register_fake("sere::oea")
     def _oea_fake(topk_ids, topk_weights, router_scores, num_primary, primary=None):
+        _check_devices(topk_ids, topk_weights=topk_weights, router_scores=router_scores, primary=primary)
         stats = topk_ids.new_empty((len(ERR_STAT_FIELDS),), dtype=torch.int64)  # [6]
         return torch.empty_like(topk_ids), torch.empty_like(topk_weights), stats

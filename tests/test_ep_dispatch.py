@@ -31,6 +31,10 @@ CONFIGS = {
     "sere-err": SereConfig(policy="sere-err", num_primary=S, tolerance=0.6, renormalize=True),
     "sere-err budget refill": SereConfig(policy="sere-err", num_primary=S, keep_cost=0.0, max_distinct=6,
                                          refill=True, renormalize=True),
+    "sere-node": SereConfig(policy="sere", num_primary=S, node_limit="primary_nodes"),
+    "oea-node": SereConfig(policy="oea", num_primary=S, node_limit="primary_nodes"),
+    "sere-err-node refill": SereConfig(policy="sere-err", num_primary=S, tolerance=0.6, refill=True,
+                                       node_limit="primary_nodes", node_scope="rank"),
 }
 LABELS = tuple(CONFIGS)
 SERE = CONFIGS["sere"]

@@ -21,6 +21,11 @@ def f32(x: float) -> float:
     return struct.unpack("f", struct.pack("f", x))[0]
 
 
+def rounded(x: float, dtype: torch.dtype) -> float:
+    """x stored in a tensor of `dtype` (the spec keeps the weights in their own dtype)."""
+    return torch.tensor(x, dtype=torch.float64).to(dtype).item()
+
+
 def _lists(*tensors):
     return [None if t is None else t.cpu().float().tolist() if t.is_floating_point() else t.cpu().tolist()
             for t in tensors]
@@ -135,7 +140,7 @@ def loop_sere_err(topk_ids, topk_weights, error, num_primary, tolerance=1.0, kee
             order = _fill_order(scores[t], [e for e in loaded if e not in out])
             for s, e in zip(live, order):
                 if not math.isnan(scores[t][e]):
-                    out[s], w[s] = e, scores[t][e] * scale
+                    out[s], w[s] = e, rounded(scores[t][e] * scale, topk_weights.dtype)
         if renormalize:
             total = sum(w)
             w = [x * sum(weights[t]) / total if total else math.nan for x in w]

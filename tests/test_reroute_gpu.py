@@ -1,4 +1,5 @@
-"""The CUDA op against the reference: single-block and multi-block paths, CUDA-graph replay.
+"""The CUDA op against the loop oracle `loop_reroute`: single-block and multi-block paths,
+non-finite similarities, CUDA-graph replay.
 
 Marker `gpu`: skipped where no CUDA device is visible (tests/conftest.py). On a GPU machine the
 extension must have been built with its CUDA kernels (benchmarks/device_check.sh does that).
@@ -9,8 +10,9 @@ import random
 import pytest
 import torch
 
+from test_op_oracles import loop_reroute
+
 import sere.ops
-from sere.reference import reroute_reference, reroute_stats
 
 pytestmark = pytest.mark.gpu
 
@@ -27,33 +29,33 @@ def _cuda_kernels_built():
     )
 
 
-def _case(gen, num_tokens, num_experts, top_k, levels=10):
-    """([T, K] int64 CPU ids, skewed popularity; [E, E] float32 CPU similarity with ties)."""
+def _case(gen, num_tokens, num_experts, top_k, levels=10, non_finite=False):
+    """([T, K] int64 CPU ids, skewed popularity; [E, E] float32 CPU similarity with ties;
+    `non_finite`: about 3% of its entries NaN, +inf or -inf)."""
     popularity = torch.rand(num_experts, generator=gen) ** 4 + 1e-3  # [E]
     topk_ids = torch.multinomial(popularity.expand(num_tokens, -1), top_k, generator=gen)  # [T, K]
     similarity = (torch.rand(num_experts, num_experts, generator=gen) * levels).round() / levels
+    if non_finite:
+        pick = torch.rand(num_experts, num_experts, generator=gen)  # [E, E]
+        similarity[pick < 0.01] = float("nan")
+        similarity[(pick >= 0.01) & (pick < 0.02)] = float("inf")
+        similarity[(pick >= 0.02) & (pick < 0.03)] = float("-inf")
     return topk_ids, similarity.fill_diagonal_(1.0)
-
-
-def _expected(topk_ids, similarity, num_primary, threshold, primary):
-    """Reference ids and stats, computed on CPU."""
-    primary_cpu = None if primary is None else primary.cpu()
-    ids, _ = reroute_reference(topk_ids.cpu(), None, similarity.cpu(), num_primary, threshold, primary_cpu)
-    return ids, reroute_stats(topk_ids.cpu(), ids, similarity.shape[0], num_primary, primary_cpu)
 
 
 def _check(topk_ids, similarity, num_primary, threshold, primary=None):
     weights = torch.ones(topk_ids.shape, device="cuda")
     new_ids, _, stats = sere.ops.reroute_with_stats(topk_ids, weights, similarity, num_primary, threshold, primary)
-    expected_ids, expected_stats = _expected(topk_ids, similarity, num_primary, threshold, primary)
+    expected_ids, expected_stats = loop_reroute(topk_ids, similarity, num_primary, threshold, primary)
     case = f"T={topk_ids.shape[0]} E={similarity.shape[0]} K={topk_ids.shape[1]} S={num_primary} rho={threshold}"
     assert new_ids.device.type == "cuda" and new_ids.dtype == topk_ids.dtype, case
-    assert torch.equal(new_ids.cpu(), expected_ids.to(topk_ids.dtype)), case
-    assert torch.equal(stats.cpu(), expected_stats), f"{case}: {stats.tolist()} != {expected_stats.tolist()}"
+    assert new_ids.tolist() == expected_ids, case
+    assert stats.tolist() == expected_stats, f"{case}: {stats.tolist()} != {expected_stats}"
 
 
 def _random_call(rng, gen, num_tokens, num_experts, top_k):
-    ids, sim = _case(gen, num_tokens, num_experts, top_k, levels=rng.choice((4, 10, 16)))
+    ids, sim = _case(gen, num_tokens, num_experts, top_k, levels=rng.choice((4, 10, 16)),
+                     non_finite=rng.random() < 0.25)
     num_primary = rng.randrange(1, top_k)
     primary = None
     if rng.random() < 0.3:
@@ -67,7 +69,7 @@ def _random_call(rng, gen, num_tokens, num_experts, top_k):
 
 @pytest.mark.parametrize("num_experts", (8, 60, 128, 256))
 @pytest.mark.parametrize("top_k", (2, 4, 8))
-def test_single_block_matches_reference(num_experts, top_k):
+def test_single_block_matches_the_loop_oracle(num_experts, top_k):
     rng = random.Random(num_experts * 10 + top_k)
     gen = torch.Generator().manual_seed(num_experts * 10 + top_k)
     for num_tokens in TOKENS:
@@ -79,7 +81,7 @@ def test_single_block_matches_reference(num_experts, top_k):
     ("num_tokens", "num_experts", "top_k"),
     [(1025, 128, 8), (2048, 256, 8), (4096, 64, 6), (40000, 128, 8), (3000, CUDA_MAX_EXPERTS, 4)],
 )
-def test_multi_block_matches_reference(num_tokens, num_experts, top_k):
+def test_multi_block_matches_the_loop_oracle(num_tokens, num_experts, top_k):
     assert num_tokens * top_k > SINGLE_BLOCK_MAX_SLOTS
     rng = random.Random(num_tokens)
     gen = torch.Generator().manual_seed(num_tokens)
@@ -122,9 +124,9 @@ def test_cuda_graph_capture_and_replay(num_tokens, external_primary):
             static_primary.copy_(mask)
         graph.replay()
         torch.cuda.synchronize()
-        expected_ids, expected_stats = _expected(static_ids, static_sim, num_primary, threshold, static_primary)
-        assert torch.equal(new_ids.cpu(), expected_ids.to(torch.int32)), f"replay {seed}"
-        assert torch.equal(stats.cpu(), expected_stats), f"replay {seed}"
+        expected_ids, expected_stats = loop_reroute(static_ids, static_sim, num_primary, threshold, static_primary)
+        assert new_ids.tolist() == expected_ids, f"replay {seed}"
+        assert stats.tolist() == expected_stats, f"replay {seed}"
         assert new_weights.data_ptr() == static_weights.data_ptr()
 
 
@@ -139,6 +141,22 @@ def test_out_of_range_ids_are_left_unchanged_and_not_counted(repeats):
     expected = torch.tensor([[0, 7], [1, -1], [9, 0]]).repeat(repeats, 1)
     assert torch.equal(new_ids.cpu(), expected)
     assert stats.tolist() == [3, 2, 2, repeats, 0]
+
+
+@pytest.mark.parametrize("repeats", (1, 2000))  # single-block and multi-block paths
+def test_nan_similarity_to_p_keeps_the_expert(repeats):
+    #   P = {0, 1}; sim[2] = (0.9, NaN, ...): the max over P is NaN -> 2 kept (critical), where
+    #   skipping the NaN would pick 0; sim[3] = (-inf, -inf, ...): nothing comparable -> kept;
+    #   sim[4] = (0.2, inf, ...) -> 1
+    #   in: [0 | 2 3]  [1 | 4 2]   ->   [0 | 2 3]  [1 | 1 2]
+    inf, nan = float("inf"), float("nan")
+    sim = torch.eye(5)
+    sim[2, 0], sim[2, 1], sim[3, 0], sim[3, 1], sim[4, 0], sim[4, 1] = 0.9, nan, -inf, -inf, 0.2, inf
+    topk_ids = torch.tensor([[0, 2, 3], [1, 4, 2]], device="cuda").repeat(repeats, 1)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        new_ids, stats = torch.ops.sere.reroute(topk_ids, sim.to(dtype).cuda(), 1, 0.0, None)
+        assert new_ids.cpu().tolist() == [[0, 2, 3], [1, 1, 2]] * repeats
+        assert stats.tolist() == [5, 4, 2, repeats, 3 * repeats]
 
 
 def test_primary_mask_matches_reference():

@@ -260,3 +260,17 @@ def test_a_stream_cut_after_its_first_chunk_ends_with_an_error_event(failure, co
     assert packets[:2] == ["data: a\n\n", "data: b\n\n"] and len(packets) == 3
     event = json.loads(packets[2][len("data: "):])
     assert event["error"]["code"] == code and event["error"]["message"]
+
+
+def test_both_deployments_surge_and_drain_the_longest_request():
+    """A changed config restarts the ingress too: it must surge and drain like the engine."""
+    from deploy.app import build_app
+
+    app = build_app({**TINY, "ingress": {"request_timeout_s": 30},
+                     "replica": {"max_surge_percent": 100}})
+    ingress = app._bound_deployment
+    (server,) = ingress.init_kwargs["llm_deployments"].values()
+    for deployment in (ingress, server._bound_deployment):
+        config = deployment._deployment_config
+        assert (config.max_surge_percent, config.graceful_shutdown_timeout_s) == (100, 45)
+    assert ingress.init_kwargs["settings"]["request_timeout_s"] == 30

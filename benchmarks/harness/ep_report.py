@@ -6,6 +6,9 @@ from sere.ep.accounting import UNITS
 
 __all__ = ["gloo_table", "ratio_tables", "plot_ratios"]
 
+# one colour per base policy in every panel; node-aware variants dashed in the same colour
+_COLOURS = {"topk": "tab:gray", "sere": "tab:blue", "sere-err": "tab:green", "oea": "tab:orange"}
+
 
 def _find(records, **key):
     for r in records:
@@ -46,7 +49,7 @@ def ratio_tables(records, batch: int) -> str:
         first = rows[0]
         out.append(f"\n(b) simulated, {trace}: E={first['num_experts']}, hidden {first['hidden_size']} x "
                    f"{first['dtype_bytes']} B, 8 ranks/node, batch {batch} tokens per EP step; "
-                   f"cross-node bytes / topk's (topk column: MB)")
+                   f"cross-node bytes / topk's (topk column: MB; '-': one node)")
         for unit in UNITS:
             for merged in ((False, True) if unit == "token_expert" else (True,)):
                 out.append(f"  unit {unit}{' merged' if merged else ' as routed'}")
@@ -59,8 +62,8 @@ def ratio_tables(records, batch: int) -> str:
                         if label == "topk":
                             cells.append(f"{r['cross_node_bytes'] / 1e6:>13.3f}MB")
                         else:
-                            value = r["cross_node_bytes"] / base["cross_node_bytes"] if base["cross_node_bytes"] else float("nan")
-                            cells.append(f"{value:>15.3f}")
+                            value = r["cross_node_bytes"] / base["cross_node_bytes"] if base["cross_node_bytes"] else None
+                            cells.append(f"{value:>15.3f}" if value is not None else f"{'-':>15}")
                     out.append(f"  {ep:>4}" + "".join(cells))
         out.append("  max distinct experts per rank")
         for ep in eps:
@@ -86,10 +89,11 @@ def plot_ratios(records, batch: int, path: str, title: str) -> None:
         for row_i, unit in enumerate(units):
             ax = axes[row_i][col]
             for label in dict.fromkeys(r["policy"] for r in rows):
-                pts = [r for r in rows if r["policy"] == label and r["unit"] == unit]
                 base = {r["ep_size"]: r["cross_node_bytes"] for r in rows if r["policy"] == "topk" and r["unit"] == unit}
+                pts = [r for r in rows if r["policy"] == label and r["unit"] == unit and base[r["ep_size"]] > 0]
                 ax.plot([r["ep_size"] for r in pts], [r["cross_node_bytes"] / base[r["ep_size"]] for r in pts],
-                        marker="o", linestyle="--" if "node" in label else "-", label=label)
+                        marker="o", linestyle="--" if "node" in label else "-", label=label,
+                        color=_COLOURS.get(label.removesuffix("-node")))
             ax.set_title(f"{trace}, batch {batch}: unit {unit} (merged)", fontsize=9)
             ax.set_xscale("log", base=2)
             ax.set_xlabel("EP size (8 ranks per node)")

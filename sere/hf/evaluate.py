@@ -315,6 +315,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m sere.evaluate") -
     """`sere evaluate`; returns the records also written to --json."""
     parser = build_parser(prog)
     args = parser.parse_args(argv)
+    for flag in ("num_batches", "num_sequences", "max_text_tokens", "threads", "seq_len"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
     if args.threads:
         torch.set_num_threads(args.threads)
     if min(args.batch_size) < 1:
