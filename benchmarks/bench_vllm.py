@@ -156,7 +156,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "vllm_enable_v1_multiprocessing": os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING"),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
     }
-    conditions["command"] = shlex.join(["python", "benchmarks/bench_vllm.py", *(sys.argv[1:] if argv is None else argv)])
+    env = [f"{name}={os.environ[name]}" for name in ("OMP_NUM_THREADS",) if os.environ.get(name)]
+    conditions["command"] = shlex.join([*env, "python", "benchmarks/bench_vllm.py", *(sys.argv[1:] if argv is None else argv)])
     wall_start = time.perf_counter()
     records = []
     for mode in (["compiled", "eager"] if args.mode == "both" else [args.mode]):

@@ -114,7 +114,7 @@ trap 'rm -rf "${work}"' EXIT
 PY="${PYTHON:-python3}"
 if [[ "${mode}" == dry-run ]]; then
   for name in "${!LIMIT[@]}"; do LIMIT[${name}]=$((LIMIT[${name}] * ${DRY_RUN_LIMIT_SCALE:-4})); done
-  LIMIT[cuda_compile]=$((60 * ${DRY_RUN_LIMIT_SCALE:-4}))  # dry run only: the GPU machine builds for real
+  LIMIT[cuda_compile]=$((90 * ${DRY_RUN_LIMIT_SCALE:-4}))  # dry run only: the GPU machine builds for real
 fi
 export PYTHONPATH="${repo}${PYTHONPATH:+:${PYTHONPATH}}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"

@@ -82,16 +82,14 @@ def check_imports(expect: str) -> dict:
     if dragged:
         sys.exit(f"importing {', '.join(NEEDED_MODULES)} imported {', '.join(dragged)}, absent on the GPU machine")
     ops = sys.modules["sere.ops"]
-    found = {
-        "compiled_op": ops.HAS_COMPILED_OP,
-        "reroute_kernels": sorted(ops._COMPILED_DEVICE_TYPES),
-        "reroute_err_kernels": sorted(ops._COMPILED_ERR_DEVICE_TYPES),
-    }
     if not ops.HAS_COMPILED_OP:
         sys.exit(f"sere._C did not load: {ops._IMPORT_ERROR}")
-    for key in ("reroute_kernels", "reroute_err_kernels"):
-        if expect not in found[key]:
-            sys.exit(f"sere._C has no {expect} kernel ({key}: {found[key]}); see the build step's output")
+    # one frozenset per op family: _COMPILED_DEVICE_TYPES (reroute), _COMPILED_ERR_..., _COMPILED_OEA_...
+    found = {name: sorted(getattr(ops, name)) for name in sorted(vars(ops))
+             if name.startswith("_COMPILED") and name.endswith("DEVICE_TYPES")}
+    missing = [name for name, types in found.items() if expect not in types]
+    if not found or missing:
+        sys.exit(f"sere._C has no {expect} kernel for {missing or 'any op'} ({found}); see the build step's output")
     return found
 
 

@@ -27,17 +27,5 @@ def compiled_op():
     import sere.ops
 
     assert sere.ops.HAS_COMPILED_OP, f"sere._C is not built ({sere.ops._IMPORT_ERROR}); run `{BUILD_COMMAND}`"
-    assert "cpu" in sere.ops._COMPILED_ERR_DEVICE_TYPES, f"sere._C predates sere::reroute_err; run `{BUILD_COMMAND}`"
-
-
-@pytest.fixture(params=["compiled", "python"])
-def reroute_path(request, monkeypatch):
-    """`sere.ops.reroute_with_stats` through the compiled op, or forced onto the Python fallback."""
-    import sere.ops
-
-    if request.param == "compiled":
-        request.getfixturevalue("compiled_op")
-    else:
-        monkeypatch.setattr(sere.ops, "_COMPILED_DEVICE_TYPES", frozenset())
-        monkeypatch.setattr(sere.ops, "_warned_fallback", True)  # the warning has its own test
-    return request.param
+    for op in ("reroute", "reroute_err", "oea", "primary_mask"):
+        assert hasattr(torch.ops.sere, op), f"sere._C predates sere::{op}; run `{BUILD_COMMAND}`"

@@ -7,10 +7,12 @@ DeepSpeed, `python3` only, no network) and runs every step that needs no GPU.
 
 Bounded subset: the dry run here sets DEVICE_CHECK_REUSE_BUILD=1, so the emulated machine gets
 the checkout's sere/_C*.so (which scripts/test.sh builds from the same sources against the same
-torch 2.13 CPU) instead of compiling it again: that CPU build alone took 1.5 min of CPU time,
-6.5 min of wall time on this shared 2-core machine. Everything else runs: venv (about a minute the
-first time, cached under build/device-venv after), imports, GPU test collection, bench_reroute on
-CPU, report. Run `bash benchmarks/device_check.sh --dry-run` for the full dry run with the build.
+torch 2.13 CPU) instead of compiling it again. Measured on this 2-core machine: the dry run's CPU
+build took 1.4 min of CPU time (6.5 min of wall time while the machine was shared, load 15-30);
+with the build reused this test took 40 s on a quiet machine and 3 min on the loaded one, plus
+about a minute once to create build/device-venv. Everything but the CPU build runs: venv,
+cuda_compile, imports, GPU test collection, bench_reroute on CPU, bench_moe_layer's CUDA command
+up to its refusal, report. `bash benchmarks/device_check.sh --dry-run` runs all of it.
 """
 
 import json

@@ -1,9 +1,10 @@
-"""Dispatch accounting: a hand-counted case and a sweep against the brute-force counter."""
+"""Dispatch accounting: hand-counted cases, and sweeps against plain loop counters."""
 
 import pytest
 import torch
 
 from sere.ep import brute_force_traffic, linear_placement, round_robin_placement, traffic
+from sere.ep.accounting import UNIT_FIELDS, eplb_physical_ids, merge_duplicate_slots, unit_bytes, unit_counts
 
 
 def test_golden_counts():
@@ -38,8 +39,6 @@ def test_matches_brute_force(make, num_experts, world, rpn, num_tokens, top_k):
 
 
 # ---------------------------------------------------------------- per-backend units
-
-from sere.ep.accounting import UNIT_FIELDS, eplb_physical_ids, merge_duplicate_slots, unit_bytes, unit_counts
 
 
 def loop_unit_counts(ids, expert_to_rank, rank_to_node, src):

@@ -160,3 +160,21 @@ def test_cli_sere_err_with_an_error_sidecar(tmp_path):
     with pytest.raises(SystemExit):
         main(["--model", str(model_dir), "--text", str(text), "--batch-size", "4", "--policy", "sere-err",
               "--num-primary", "1", "--tolerance", "1.5", "--json", str(out_json)])
+
+
+def test_cli_virtual_placement_and_node_limit(tmp_path):
+    """--ep-size/--ranks-per-node place the experts virtually; --node-limit routes node-aware under it."""
+    model_dir = save_tiny_model(tmp_path / "m", "qwen3_moe")
+    text = tmp_path / "heldout.txt"
+    text.write_text(SAMPLE_TEXT)
+    base = ["--model", str(model_dir), "--text", str(text), "--batch-size", "4", "--policy", "oea",
+            "--num-primary", "1", "--seq-len", "4", "--json", str(tmp_path / "r.json")]
+    with pytest.raises(SystemExit):  # argparse error: --node-limit without a placement
+        main(base + ["--node-limit", "primary_nodes"])
+    records = main(base + ["--ep-size", "4", "--ranks-per-node", "2", "--node-limit", "primary_nodes"])
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["meta"]["ep_size"] == 4 and data["meta"]["ranks_per_node"] == 2
+    assert [r["label"] for r in records] == ["topk", "oea S=1 node:node"]
+    assert records[1]["node_limit"] == "primary_nodes"
+    with pytest.raises(SystemExit, match="--ep-size 3"):  # 8 experts do not split over 3 ranks
+        main(base + ["--ep-size", "3"])

@@ -99,7 +99,7 @@ def _needs_grouped_kernel():
 
 needs_sm90 = pytest.mark.skipif(
     _needs_grouped_kernel(),
-    reason="needs an sm_90/sm_100 GPU (H100/H200/B200): torch._grouped_mm's CUTLASS kernel; "
+    reason="needs a CUDA GPU of sm_90/sm_100 (H100/H200/B200): torch._grouped_mm's CUTLASS kernel; "
     "elsewhere it falls back to a host-synchronising loop",
 )
 

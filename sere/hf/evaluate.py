@@ -28,12 +28,13 @@ import torch
 from torch import nn
 
 from sere.config import SereConfig
+from sere.ep.placement import linear_placement
 from sere.hf.calibrate import load_model, log, tokenize
 from sere.hf.moe import find_moe_blocks, routing_hook
 from sere.policy import POLICIES, label, matrix_kind
 from sere.progress import Progress
-from sere.sidecars import SIDECAR_NAME, load_sidecar
 from sere.hf.substitution import ERROR_SIDECAR_NAME
+from sere.sidecars import SIDECAR_NAME, load_sidecar
 
 __all__ = ["DEFAULT_OPERATING_POINT", "hook_tables", "make_batches", "decode_lockstep", "evaluate", "main"]
 
@@ -77,10 +78,12 @@ def hook_tables(cfg: SereConfig, sidecars: dict) -> dict:
 
 
 @torch.no_grad()
-def decode_lockstep(model: nn.Module, batch: torch.Tensor, cfg: SereConfig, sidecars: dict | None = None):
+def decode_lockstep(model: nn.Module, batch: torch.Tensor, cfg: SereConfig, sidecars: dict | None = None,
+                    placement=None):
     """Teacher-forced lock-step decoding of `batch` [B, L+1] under `cfg`.
 
-    `sidecars`: {matrix kind: Sidecar} ("similarity", "substitution_error") as `cfg` needs.
+    `sidecars`: {matrix kind: Sidecar} ("similarity", "substitution_error") as `cfg` needs;
+    `placement`: the virtual expert placement of the placement-aware options (`node_limit`).
     Returns:
         (log-probs [B, L, V] float32 of the next token at each step, mean distinct experts per
         layer per step, fraction of slots re-routed).
@@ -89,7 +92,7 @@ def decode_lockstep(model: nn.Module, batch: torch.Tensor, cfg: SereConfig, side
 
     num_steps = batch.shape[1] - 1
     out_steps = []
-    with routing_hook(model, cfg, **hook_tables(cfg, sidecars or {})) as record:
+    with routing_hook(model, cfg, placement=placement, **hook_tables(cfg, sidecars or {})) as record:
         cache = DynamicCache(config=model.config)
         for t in range(num_steps):
             out = model(input_ids=batch[:, t : t + 1], past_key_values=cache, use_cache=True)
@@ -117,6 +120,7 @@ def evaluate(
     num_batches: int | None = 1,
     num_sequences: int | None = None,
     sidecars: dict | None = None,
+    placement=None,
 ) -> list[dict]:
     """One record per (setting, batch size), topk first. See module docstring."""
     records = []
@@ -133,7 +137,7 @@ def evaluate(
             targets = batch[:, 1:]
             ref = None
             for s in all_settings:
-                logp, distinct, rerouted = decode_lockstep(model, batch, s, sidecars)
+                logp, distinct, rerouted = decode_lockstep(model, batch, s, sidecars, placement)
                 bar.update(bs * seq_len)
                 ref = logp if ref is None else ref
                 for key, value in _batch_metrics(logp, ref, targets).items():
@@ -153,7 +157,7 @@ def evaluate(
                 "num_primary": s.num_primary if s.policy != "topk" else None, "threshold": s.threshold,
                 "threshold_quantile": s.threshold_quantile, "tolerance": s.tolerance,
                 "keep_cost": s.keep_cost, "max_distinct": s.max_distinct, "renormalize": s.renormalize,
-                "refill": s.refill,
+                "refill": s.refill, "node_limit": s.node_limit, "max_nodes": s.max_nodes,
                 "num_tokens": len(batches) * bs * seq_len, "num_batches": len(batches), "seq_len": seq_len,
                 "perplexity": ppl, "perplexity_change": ppl / base_ppl - 1.0,
                 "agreement": statistics.fmean(m["agreement"]), "kl": statistics.fmean(m["kl"]),
@@ -207,6 +211,8 @@ def plot(records: list[dict], path: str | Path, title: str = "") -> None:
 def _settings(args, top_k: int) -> list[SereConfig]:
     """The SereConfigs of the command line's cross product (policy x S x threshold/tolerance)."""
     common = {"max_decode_tokens": max(256, *args.batch_size)}  # every evaluated step is decode
+    if args.node_limit:
+        common.update(node_limit=args.node_limit, max_nodes=args.max_nodes)
     settings = []
     for policy in dict.fromkeys(args.policy):
         if policy == "topk":
@@ -306,6 +312,16 @@ def build_parser(prog: str = "python -m sere.evaluate") -> argparse.ArgumentPars
     parser.add_argument("--png", metavar="FILE",
                         help="also plot perplexity change against distinct experts, one panel per batch size "
                              "(needs matplotlib)")
+    parser.add_argument("--ep-size", type=int, metavar="W",
+                        help="virtual expert placement: E experts on W ranks (linear, as vLLM places them), so "
+                             "that quality is measured under the placement the traffic figures assume")
+    parser.add_argument("--ranks-per-node", type=int, default=8, metavar="R",
+                        help="ranks per node of the virtual placement (default: %(default)s)")
+    parser.add_argument("--node-limit", choices=("primary_nodes",),
+                        help="node-aware re-routing (needs --ep-size): a token's secondary slots only go to "
+                             "experts on the nodes of its own top-S experts (docs/spec.md §15)")
+    parser.add_argument("--max-nodes", type=int, metavar="M",
+                        help="with --node-limit: at most M nodes per token in all (DeepSeek-V3 style)")
     parser.add_argument("--threads", type=int, metavar="T",
                         help="torch CPU threads, >= 1 (default: torch's choice, about one per core)")
     return parser
@@ -315,7 +331,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m sere.evaluate") -
     """`sere evaluate`; returns the records also written to --json."""
     parser = build_parser(prog)
     args = parser.parse_args(argv)
-    for flag in ("num_batches", "num_sequences", "max_text_tokens", "threads", "seq_len"):
+    if args.node_limit and not args.ep_size:
+        parser.error("--node-limit needs the virtual placement: set --ep-size")
+    for flag in ("num_batches", "num_sequences", "max_text_tokens", "threads", "seq_len", "ep_size",
+                 "ranks_per_node", "max_nodes"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
@@ -338,6 +357,12 @@ def main(argv: list[str] | None = None, prog: str = "python -m sere.evaluate") -
     except ValueError as exc:
         raise SystemExit(f"{args.model}: {exc}") from exc
     settings = _settings(args, blocks[0].top_k)
+    placement = None
+    if args.ep_size:
+        try:
+            placement = linear_placement(blocks[0].num_experts, args.ep_size, min(args.ranks_per_node, args.ep_size))
+        except ValueError as exc:
+            raise SystemExit(f"--ep-size {args.ep_size}: {exc}") from exc
     sidecars = {}
     for kind, path in (("similarity", args.similarity or Path(args.model) / SIDECAR_NAME),
                        ("substitution_error", args.error or Path(args.model) / ERROR_SIDECAR_NAME)):
@@ -351,12 +376,14 @@ def main(argv: list[str] | None = None, prog: str = "python -m sere.evaluate") -
     token_ids = tokenize(tokenizer, args.text, args.max_text_tokens)
     num_batches = args.num_batches if args.num_batches is not None else 1
     records = evaluate(model, token_ids, args.batch_size, settings, seq_len=args.seq_len,
-                       num_batches=num_batches, num_sequences=args.num_sequences, sidecars=sidecars)
+                       num_batches=num_batches, num_sequences=args.num_sequences, sidecars=sidecars,
+                       placement=placement)
     meta = {"model": str(args.model), "text": str(args.text),
             "similarity": str(similarity.path) if similarity else None,
             "metric": similarity.metric if similarity else None,
             "error": str(error.path) if error else None,
-            "num_experts": blocks[0].num_experts, "top_k": blocks[0].top_k, "moe_layers": len(blocks)}
+            "num_experts": blocks[0].num_experts, "top_k": blocks[0].top_k, "moe_layers": len(blocks),
+            "ep_size": args.ep_size, "ranks_per_node": args.ranks_per_node if args.ep_size else None}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps({"meta": meta, "records": records}, indent=1))
     if args.png:

@@ -228,6 +228,7 @@ def routing_hook(
     matrices: dict[int, torch.Tensor] | None = None,
     thresholds: dict[int, float] | None = None,
     lockstep_batch: int | None = None,
+    placement=None,
 ) -> Iterator[RoutingRecord]:
     """Make every MoE block of `model` route through `sere.policy.route(cfg, ...)`, within the block.
 
@@ -245,6 +246,8 @@ def routing_hook(
             (`Sidecar.threshold_for`); default `cfg.threshold` everywhere.
         lockstep_batch: B, re-route each position of a [B, L] teacher-forced call as one step
             (every call's T must be a multiple of B); record one entry per position.
+        placement: a (virtual) expert placement (`sere.ep.placement`) for the placement-aware
+            options (`locality_epsilon`, `node_limit`), e.g. the one the traffic figures assume.
     Yields:
         a RoutingRecord filled while the context is active.
     """
@@ -275,7 +278,8 @@ def routing_hook(
             for rows in steps:
                 scores = router_scores(logits[rows], b.score_fn, b.num_experts) if needs_router_scores(cfg) else None
                 routed = route(cfg, topk_ids[rows], topk_weights[rows], num_experts=b.num_experts,
-                               matrix=tables.get(b.layer_idx), threshold=threshold, router_scores=scores)
+                               matrix=tables.get(b.layer_idx), threshold=threshold, router_scores=scores,
+                               placement=placement)
                 new_ids[rows], new_weights[rows] = routed.ids, routed.weights
                 before, after, _, changed = (int(v) for v in routed.stats[:4])
                 record.calls[b.layer_idx].append((per_step, before, after, changed))
