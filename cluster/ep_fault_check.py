@@ -107,7 +107,10 @@ def main(argv=None) -> int:
             "placement": {"bundles": [{"CPU": 0.5, "sim_node": 1}]},
             "replica": {"num_cpus": 0.25},
             # The ingress ends a request before the proxy's timeout does (503/408 with a body).
-            "ingress": {"num_cpus": 0.1, "request_timeout_s": args.request_timeout_s - 10},
+            # On the head, beside the HeadOnly proxy: an ingress lost with node2 would make the
+            # proxy answer 500 for the requests it held.
+            "ingress": {"num_cpus": 0.1, "request_timeout_s": args.request_timeout_s - 10,
+                        "resources": {"head": 0.01}},
         }
         serve.run(build_app(app_args), name="ep", route_prefix="/", blocking=False)
         report["deploy_s"] = round(time.monotonic() - t0, 1)

@@ -93,7 +93,8 @@ def build_app(args: "dict[str, Any] | AppArgs") -> Application:
         name="SereIngress",
         num_replicas=ingress_args.num_replicas,
         max_ongoing_requests=100_000,  # a thin proxy: queueing happens at the engines
-        ray_actor_options={"num_cpus": ingress_args.num_cpus},
+        ray_actor_options={"num_cpus": ingress_args.num_cpus,
+                           **({"resources": ingress_args.resources} if ingress_args.resources else {})},
         # A changed app config restarts the ingress too (its code version is the config's hash):
         # start the new one first, and let the old one finish every request it holds.
         max_surge_percent=100,

@@ -175,6 +175,9 @@ class IngressArgs(_Strict):
 
     num_cpus: float = Field(default=0.1, ge=0)
     num_replicas: int = Field(default=1, ge=1)
+    # Custom Ray resources of an ingress replica, e.g. {"head": 0.01} to keep it next to a
+    # HeadOnly proxy: the proxy answers 500 for requests in flight on an ingress lost with its node.
+    resources: dict[str, float] = Field(default_factory=dict)
     # The key clients must send as `Authorization: Bearer <key>`. Prefer `api_key_file` or the
     # environment ($SERE_API_KEY, $SERE_API_KEY_FILE of the ingress replica): Ray logs the args
     # of a `serve deploy` and `serve config` shows them. None of them set: an open endpoint.

@@ -102,8 +102,10 @@ def prepare_data(args):
             shutil.copyfile(args.source / name, args.out / name)
     tok = AutoTokenizer.from_pretrained(str(args.source))
     corpus = load_corpus(args.heldout_percent)
-    train_path = args.work / "train_ids.npy"
-    if not train_path.exists():
+    check_same_corpus(corpus.summary(), args.source)
+    train_path, meta_path = args.work / "train_ids.npy", args.work / "data_meta.json"
+    key = {"corpus": corpus.summary(), "english_repeat": args.english_repeat}
+    if not (train_path.exists() and meta_path.exists() and json.loads(meta_path.read_text()) == key):
         t0 = time.time()
         docs = corpus.train_docs() + [t for _, t in corpus.train_english] * (args.english_repeat - 1)
         eos_id, parts = tok.convert_tokens_to_ids(EOS), []
@@ -111,6 +113,7 @@ def prepare_data(args):
             for ids in tok(docs[i : i + 256], add_special_tokens=False)["input_ids"]:
                 parts.append(np.array([eos_id] + ids, dtype=np.uint16))
         np.save(train_path, np.concatenate(parts))
+        meta_path.write_text(json.dumps(key))
         print(f"tokenized the train split in {time.time() - t0:.0f}s", flush=True)
     heldout = (args.source / "heldout.txt").read_text(encoding="utf-8")
     np.save(args.work / "heldout_ids.npy", np.array(tok(heldout, add_special_tokens=False)["input_ids"], dtype=np.int64))
@@ -118,6 +121,15 @@ def prepare_data(args):
     summary["notes"] = ["stdlib root: the standard library of the training interpreter, Python "
                         f"{platform.python_version()} (absolute path removed)"]
     return tok, summary
+
+
+def check_same_corpus(summary: dict, source: Path) -> None:
+    """The train/held-out split must be the one the source model was trained on (sizes recorded in its log)."""
+    recorded = json.loads((source / "train_log.json").read_text())["final"]["corpus"]
+    for part in ("train_code", "heldout_code", "train_english", "heldout_english"):
+        if summary[part] != recorded[part]:
+            raise SystemExit(f"corpus part {part} is {summary[part]}, {source.name} was trained on {recorded[part]} "
+                             "(is Debian's fortunes / fortunes-min package installed?)")
 
 
 def phases(args) -> tuple[Phase, Phase]:

@@ -18,7 +18,8 @@ pytestmark = pytest.mark.slow
 
 def test_ep_group_across_two_simulated_nodes_survives_losing_one():
     """cluster/ep_fault_check.py: DP 2 + EP ranks on node1/node2, both re-route with SERE; node2's
-    raylet killed under load -> requests end within the request timeout, the DP group returns."""
+    raylet killed under load -> requests end within the request timeout as successes, 503s or
+    the ingress's 408 (never a bare 500), and the DP group returns."""
     import json
     import subprocess
     import sys
@@ -29,4 +30,5 @@ def test_ep_group_across_two_simulated_nodes_survives_losing_one():
     lines = result.stdout.strip().splitlines()
     assert lines, f"ep_fault_check.py printed nothing (rc {result.returncode}):\n{result.stderr[-4000:]}"
     report = json.loads(lines[-1])
-    assert result.returncode == 0 and all(report["checks"].values()), report
+    print(json.dumps(report))
+    assert result.returncode == 0 and all(report["checks"].values()), json.dumps(report)

@@ -15,6 +15,10 @@
    all2all backend (allgather_reducescatter) calls under DP + EP. `install()` adds them over
    the group's gloo process group: uneven all-gather by padding to the largest chunk, and
    reduce-scatter as an all-reduce followed by a slice (gloo has no uneven reduce-scatter).
+4. In vLLM's compiled mode the CPU backend inlines the MoE forward into the Dynamo graph (GPUs
+   call it through the opaque op `vllm.moe_forward`). Under DP + EP the per-rank token counts
+   of the dispatch are data-dependent, which Dynamo cannot trace; `opaque_moe_forward(runner)`
+   routes such layers through `vllm.moe_forward` on CPU too, so they run eagerly inside it.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import inspect
 
 import torch
 
-__all__ = ["install", "primary_allreduce_for", "all_gatherv", "reduce_scatterv"]
+__all__ = ["install", "opaque_moe_forward", "primary_allreduce_for", "all_gatherv", "reduce_scatterv"]
 
 _installed = False
 
@@ -36,6 +40,21 @@ def install() -> None:
     _patch_cpu_experts()
     _patch_cpu_communicator()
     _installed = True
+
+
+def opaque_moe_forward(runner) -> bool:
+    """Make a CPU DP + EP layer's forward the opaque op `vllm.moe_forward` (as on GPUs); True if done.
+
+    Called at the end of MoERunner.__init__ for every layer, SERE on or off.
+    """
+    from vllm.platforms import current_platform
+
+    parallel = runner.moe_config.moe_parallel_config
+    if not (current_platform.is_cpu() and parallel.use_ep and parallel.dp_size > 1):
+        return False
+    shared = runner.shared_experts is not None
+    runner._forward_entry = torch.ops.vllm.moe_forward_shared if shared else torch.ops.vllm.moe_forward
+    return True
 
 
 def primary_allreduce_for(runner, force: bool = False):

@@ -121,6 +121,7 @@ def register() -> None:
 
     def _runner_init(self, *args, **kwargs):
         runner_init(self, *args, **kwargs)
+        vllm_ep.opaque_moe_forward(self)
         _attach(self)
 
     EngineArgs.create_engine_config = _create_engine_config
