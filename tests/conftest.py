@@ -29,3 +29,13 @@ def compiled_op():
     assert sere.ops.HAS_COMPILED_OP, f"sere._C is not built ({sere.ops._IMPORT_ERROR}); run `{BUILD_COMMAND}`"
     for op in ("reroute", "reroute_err", "oea", "primary_mask"):
         assert hasattr(torch.ops.sere, op), f"sere._C predates sere::{op}; run `{BUILD_COMMAND}`"
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors on a shared 2-core machine: one torch thread avoids spin-waiting (several
+    times faster here). Use with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

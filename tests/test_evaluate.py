@@ -16,13 +16,7 @@ from sere.hf.moe import find_moe_blocks  # noqa: E402
 from sere.sidecars import Sidecar, save_sidecar  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny ops on a shared 2-core machine: one thread avoids spin-waiting (7x faster here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tokens(n=2000, seed=0):

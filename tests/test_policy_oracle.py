@@ -20,13 +20,7 @@ from sere.policy import route
 from sere.reference import oea_reference, reroute_reference, reroute_stats, sere_err_reference
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors on a shared 2-core machine: one thread avoids spin-waiting."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Placement(NamedTuple):

@@ -16,7 +16,7 @@ from test_op_oracles import loop_reroute
 
 import sere.ops
 
-pytestmark = pytest.mark.usefixtures("compiled_op")
+pytestmark = pytest.mark.usefixtures("compiled_op", "one_thread")
 
 TOKENS = (1, 2, 3, 7, 16, 33, 64, 128, 255, 512)
 TOP_KS = (2, 4, 6, 8)
@@ -25,15 +25,6 @@ ID_DTYPES = (torch.int32, torch.int64)
 SIM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 PRIMARY_KINDS = ("own", "union", "foreign")  # None; own P OR other ranks'; an unrelated mask
 QUANTISATIONS = (4, 10, 16, None)  # sim rounded to multiples of 1/q (10: hits 0.3 and 0.7)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Thousands of tiny ops: intra-op threads only add contention (10x slower on 2 busy cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def make_topk_ids(gen, num_tokens, num_experts, top_k, duplicates=False):

@@ -14,12 +14,7 @@ from sere.sidecars import ERROR_METRIC, load_sidecar  # noqa: E402
 from sere.hf.substitution import ERROR_SIDECAR_NAME, main, substitution_error  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _brute_force(block, x, topk_ids):
