@@ -19,7 +19,7 @@ from ray.serve.deployment import Application
 
 from deploy.args import AppArgs, parse_args
 
-__all__ = ["build_app", "build_llm_config"]
+__all__ = ["build_app", "build_ingress_deployment", "build_llm_config"]
 
 logger = logging.getLogger("ray.serve")
 
@@ -65,28 +65,11 @@ def build_llm_config(args: "dict[str, Any] | AppArgs"):
     )
 
 
-def build_app(args: "dict[str, Any] | AppArgs") -> Application:
-    """Serve app builder (`import_path: deploy.app:build_app`).
-
-    `engine.data_parallel_size > 1` uses Ray Serve LLM's data-parallel deployment (one
-    gang-scheduled replica per DP rank, DP attention + expert parallelism); otherwise the plain
-    LLM deployment. Both export the plugin's SERE counters as Ray metrics (`deploy.server`) and
-    sit behind `deploy.ingress.SereIngress` (API key, `/health`).
-    """
-    from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata
-    from ray.serve.llm import build_dp_deployment, build_llm_deployment
-
-    from deploy.ingress import DEFAULT_SETTINGS, make_ingress_cls
-    from deploy.server import SereDPServer, SereLLMServer
+def build_ingress_deployment(args: "dict[str, Any] | AppArgs"):
+    """The unbound `SereIngress` Serve deployment (no Ray runtime needed)."""
+    from deploy.ingress import make_ingress_cls
 
     args = parse_args(args)
-    llm_config = build_llm_config(args)
-    if args.engine.data_parallel_size > 1:
-        server = build_dp_deployment(llm_config, deployment_cls=SereDPServer)
-    else:
-        server = build_llm_deployment(llm_config, deployment_cls=SereLLMServer)
-
-    model_id = llm_config.model_id
     ingress_args = args.ingress
     ingress = serve.deployment(
         make_ingress_cls(),
@@ -104,6 +87,33 @@ def build_app(args: "dict[str, Any] | AppArgs") -> Application:
         # Ray's build task logs the app args of a `serve deploy` and `serve config` shows them.
         logger.warning("ingress.api_key is set in the app args, which Ray logs and `serve config` "
                        "shows: use ingress.api_key_file or $SERE_API_KEY_FILE instead")
+    return ingress
+
+
+def build_app(args: "dict[str, Any] | AppArgs") -> Application:
+    """Serve app builder (`import_path: deploy.app:build_app`).
+
+    `engine.data_parallel_size > 1` uses Ray Serve LLM's data-parallel deployment (one
+    gang-scheduled replica per DP rank, DP attention + expert parallelism); otherwise the plain
+    LLM deployment. Both export the plugin's SERE counters as Ray metrics (`deploy.server`) and
+    sit behind `deploy.ingress.SereIngress` (API key, `/health`).
+    """
+    from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata
+    from ray.serve.llm import build_dp_deployment, build_llm_deployment
+
+    from deploy.ingress import DEFAULT_SETTINGS
+    from deploy.server import SereDPServer, SereLLMServer
+
+    args = parse_args(args)
+    llm_config = build_llm_config(args)
+    if args.engine.data_parallel_size > 1:
+        server = build_dp_deployment(llm_config, deployment_cls=SereDPServer)
+    else:
+        server = build_llm_deployment(llm_config, deployment_cls=SereLLMServer)
+
+    model_id = llm_config.model_id
+    ingress_args = args.ingress
+    ingress = build_ingress_deployment(args)
     api_key = ingress_args.api_key.get_secret_value() if ingress_args.api_key else None
     settings = ingress_args.model_dump(include=set(DEFAULT_SETTINGS))
     return ingress.bind(

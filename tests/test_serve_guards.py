@@ -264,13 +264,13 @@ def test_a_stream_cut_after_its_first_chunk_ends_with_an_error_event(failure, co
 
 def test_both_deployments_surge_and_drain_the_longest_request():
     """A changed config restarts the ingress too: it must surge and drain like the engine."""
-    from deploy.app import build_app
+    from deploy.app import build_ingress_deployment, build_llm_config
 
-    app = build_app({**TINY, "ingress": {"request_timeout_s": 30},
-                     "replica": {"max_surge_percent": 100}})
-    ingress = app._bound_deployment
-    (server,) = ingress.init_kwargs["llm_deployments"].values()
-    for deployment in (ingress, server._bound_deployment):
-        config = deployment._deployment_config
-        assert (config.max_surge_percent, config.graceful_shutdown_timeout_s) == (100, 45)
-    assert ingress.init_kwargs["settings"]["request_timeout_s"] == 30
+    args = {**TINY, "ingress": {"request_timeout_s": 30, "resources": {"head": 0.01}},
+            "replica": {"max_surge_percent": 100}}
+    ingress = build_ingress_deployment(args)
+    config = ingress._deployment_config
+    assert (config.max_surge_percent, config.graceful_shutdown_timeout_s) == (100, 45)
+    assert ingress.ray_actor_options["resources"] == {"head": 0.01}
+    engine = build_llm_config(args).deployment_config
+    assert (engine["max_surge_percent"], engine["graceful_shutdown_timeout_s"]) == (100, 45)

@@ -387,6 +387,7 @@ def api_server(model_dir, tmp_path_factory):
     import shlex
 
     assert model_dir == REPO / "models" / "tiny-moe", "the README command names models/tiny-moe"
+    assert README_COMMAND in (REPO / "README.md").read_text(), "the README no longer shows this command"
     words = shlex.split(README_COMMAND)
     env = {k: v for k, v in os.environ.items()
            if k not in (plugin.ENV_CONFIG, plugin.ENV_RECORD, "PROMETHEUS_MULTIPROC_DIR", "SERE_METRICS_DIR")}

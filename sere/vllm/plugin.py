@@ -51,12 +51,12 @@ from sere.vllm.engine_config import (  # noqa: F401  (re-exported: part of this 
     parse_config,
     validate_engine_config,
 )
-from sere.vllm.routing import (  # noqa: F401  (router_scores, ENV_RECORD: part of this module's API)
+from sere.policy import router_scores  # noqa: F401  (part of this module's API)
+from sere.vllm.routing import (  # noqa: F401  (ENV_RECORD: part of this module's API)
     ENV_RECORD,
     RoutingHook,
     _records,
     _records_lock,
-    router_scores,
 )
 
 __all__ = [

@@ -34,7 +34,7 @@ from sere import policy
 from sere.config import SereConfig
 from sere.vllm import metrics
 
-__all__ = ["ENV_RECORD", "LAYERS", "LayerRoute", "RoutingHook", "router_scores"]
+__all__ = ["ENV_RECORD", "LAYERS", "LayerRoute", "RoutingHook"]
 
 ENV_RECORD = "SERE_RECORD"  # "1": keep every routing call in memory (sere_dump_records)
 
@@ -42,16 +42,6 @@ LAYERS: dict[str, "LayerRoute"] = {}  # layer name -> its routing state, this pr
 _forward_context = None  # the module vllm.forward_context, bound on first use
 _records: list[dict] = []
 _records_lock = threading.Lock()
-
-
-def router_scores(router_logits: torch.Tensor, scoring_func: str, num_experts: int) -> torch.Tensor:
-    """[T, E] float32 post-activation scores, as the model's router computes them (OEA, refill)."""
-    logits = router_logits[:, :num_experts].float()
-    if scoring_func == "sigmoid":
-        return logits.sigmoid()
-    if scoring_func == "sqrtsoftplus":
-        return torch.nn.functional.softplus(logits).sqrt()
-    return logits.softmax(dim=-1)
 
 
 @dataclass
@@ -86,6 +76,8 @@ class LayerRoute:
     def configure(self, cfg: SereConfig) -> None:
         """Validate `cfg` for this layer and switch to it (between steps)."""
         cfg.check_model(top_k=self.top_k, num_experts=self.num_experts)
+        if policy.needs_router_scores(cfg):  # an unknown scoring function fails here, not in a step
+            policy.router_scores(torch.zeros(1, self.num_experts), self.scoring_func)
         threshold = cfg.threshold
         if policy.matrix_kind(cfg) is not None:
             matrix, threshold = self.load_matrix(self.layer, cfg)
@@ -159,7 +151,9 @@ def route_layer(
     if not in_scope:
         stats[1].add_(1)
         return topk_weights.clone(), topk_ids.clone()
-    scores = router_scores(router_logits, state.scoring_func, state.num_experts) if policy.needs_router_scores(cfg) else None
+    scores = None
+    if policy.needs_router_scores(cfg):
+        scores = policy.router_scores(router_logits, state.scoring_func, state.num_experts)  # [T, E]
     routed = policy.route(
         cfg, topk_ids, topk_weights, num_experts=state.num_experts,
         matrix=matrix if policy.matrix_kind(cfg) is not None else None, threshold=state.threshold,
