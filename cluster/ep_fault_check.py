@@ -102,7 +102,7 @@ def main(argv=None) -> int:
         app_args = {
             "model_path": os.path.abspath(args.model), "served_model_name": MODEL_ID,
             "sere": {"policy": "sere", "num_primary": 2, "scope": "ep_group"},
-            "engine": {"max_model_len": 512, "kv_cache_gib": 0.25, "data_parallel_size": 2,
+            "engine": {"max_model_len": 512, "kv_cache_gib": 0.25, "data_parallel_size": 2, "enforce_eager": True,
                        "enable_expert_parallel": True},
             "placement": {"bundles": [{"CPU": 0.5, "sim_node": 1}]},
             "replica": {"num_cpus": 0.25},

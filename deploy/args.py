@@ -55,7 +55,7 @@ class EngineArgs(_Strict):
     enable_expert_parallel: bool = False
     all2all_backend: str | None = None
     dtype: str = "auto"
-    enforce_eager: bool = True
+    enforce_eager: bool = False  # vLLM's default (compiled): faster on CPU too (benchmarks/results/vllm_modes.json)
     # Passed to vLLM's AsyncEngineArgs as is (e.g. {"enable_prefix_caching": false}).
     extra: dict[str, Any] = Field(default_factory=dict)
 

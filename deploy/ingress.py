@@ -124,6 +124,10 @@ class SereIngress(OpenAiIngress):
 
 def _serve_http_host() -> str | None:
     """The host Serve's HTTP proxies bind (None when it cannot be read, e.g. outside Serve)."""
+    import ray
+
+    if not ray.is_initialized():  # e.g. constructed in a unit test: never start or join a cluster
+        return None
     try:
         from ray.serve.context import _get_global_client
 

@@ -31,7 +31,7 @@ OPTIONS = {
     "evaluate": ["--model", "--text", "--batch-size", "--policy", "--num-primary", "--threshold",
                  "--threshold-quantile", "--similarity", "--error", "--tolerance", "--keep-cost", "--max-distinct",
                  "--renormalize", "--refill", "--seq-len", "--num-batches", "--num-sequences", "--max-text-tokens",
-                 "--json", "--png", "--threads"],
+                 "--json", "--png", "--ep-size", "--ranks-per-node", "--node-limit", "--max-nodes", "--threads"],
 }
 
 

@@ -53,7 +53,9 @@ def app_args(**overrides) -> dict:
         "model_path": MODEL,
         "served_model_name": MODEL_ID,
         "sere": {"policy": "sere", "num_primary": 2},
-        "engine": {"max_model_len": MAX_MODEL_LEN, "max_num_seqs": 16, "kv_cache_gib": 0.25},
+        # eager: these tests are about serving, and an eager engine starts in seconds, not a minute
+        # (compiled mode is tested in tests/test_vllm_compiled.py and is what serve_config.yaml runs)
+        "engine": {"max_model_len": MAX_MODEL_LEN, "max_num_seqs": 16, "kv_cache_gib": 0.25, "enforce_eager": True},
         "placement": {"bundles": [{"CPU": 0.5}]},
         # max_surge_percent 100: a rollout starts the new engine before the old one stops.
         "replica": {"num_cpus": 0.25, "max_surge_percent": 100,
