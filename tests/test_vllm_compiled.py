@@ -25,14 +25,8 @@ from sere.reference import oea_reference, reroute_reference, sere_err_reference
 from sere.sidecars import ERROR_SIDECAR_NAME, load_sidecar
 from sere.vllm import exporter, metrics, plugin
 
-REPO = Path(__file__).resolve().parents[1]
-MODEL_DIR = Path(os.environ.get("SERE_TEST_MODEL", REPO / "models" / "tiny-moe"))
-PROMPTS = [
-    "def parse_args(argv):\n    ",
-    "import os\nimport sys\n\n",
-    "The quick brown fox",
-    "class Stack:\n    def push(self, item):\n",
-]
+from vllm_common import MODEL_DIR, PROMPTS, REPO, model_dir  # noqa: E402, F401 (a fixture)
+
 MAX_TOKENS = 8
 ENGINE_KW = dict(gpu_memory_utilization=0.3, max_model_len=512, max_num_seqs=8, seed=0,
                  enable_prefix_caching=False)  # policies are switched inside one engine
@@ -266,13 +260,6 @@ def _run_policies(llm, tmp_path: Path) -> dict:
     finally:
         llm.llm_engine.engine_core.shutdown()
     return runs
-
-
-@pytest.fixture(scope="module")
-def model_dir() -> Path:
-    if not MODEL_DIR.is_dir():
-        pytest.fail(f"{MODEL_DIR} is absent: the trained tiny MoE checkpoint ships in the repo (see models/)")
-    return MODEL_DIR
 
 
 @pytest.fixture(scope="module")

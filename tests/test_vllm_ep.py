@@ -24,14 +24,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-MODEL_DIR = Path(os.environ.get("SERE_TEST_MODEL", REPO / "models" / "tiny-moe"))
-PROMPTS = [
-    "def parse_args(argv):\n    ",
-    "import os\nimport sys\n\n",
-    "The quick brown fox",
-    "class Stack:\n    def push(self, item):\n",
-]
+from vllm_common import MODEL_DIR, PROMPTS, REPO, model_dir  # noqa: E402, F401 (a fixture)
+
 MAX_TOKENS = 12
 ENGINE_KW = dict(  # vLLM's default mode: compiled (the expert-map fix and the routing op are traced)
     gpu_memory_utilization=0.3,
@@ -163,13 +157,6 @@ def test_cpu_experts_honour_the_expert_map():
 
 
 # ---------------------------------------------------------------- slow: real engines
-
-
-@pytest.fixture(scope="module")
-def model_dir() -> Path:
-    if not MODEL_DIR.is_dir():
-        pytest.fail(f"{MODEL_DIR} is absent: the trained tiny MoE checkpoint ships in the repo (see models/)")
-    return MODEL_DIR
 
 
 @pytest.fixture(scope="module")

@@ -28,14 +28,8 @@ from sere.config import SereConfig  # noqa: E402
 from sere.reference import oea_reference, reroute_reference, sere_err_reference  # noqa: E402
 from sere.sidecars import SIDECAR_NAME, load_sidecar, save_sidecar  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-MODEL_DIR = Path(os.environ.get("SERE_TEST_MODEL", REPO / "models" / "tiny-moe"))
-PROMPTS = [
-    "def parse_args(argv):\n    ",
-    "import os\nimport sys\n\n",
-    "The quick brown fox",
-    "class Stack:\n    def push(self, item):\n",
-]
+from vllm_common import MODEL_DIR, PROMPTS, REPO, model_dir  # noqa: E402, F401 (a fixture)
+
 MAX_TOKENS = 12
 ENGINE_KW = dict(  # vLLM's default mode: compiled (the engines of this file fail before compiling)
     gpu_memory_utilization=0.3,
@@ -302,13 +296,6 @@ def test_metrics_snapshot_and_prometheus_series():
 
 # ---------------------------------------------------------------- slow: engine start
 # The policies in real engines (compiled and eager) are in tests/test_vllm_compiled.py.
-
-
-@pytest.fixture(scope="module")
-def model_dir() -> Path:
-    if not MODEL_DIR.is_dir():
-        pytest.fail(f"{MODEL_DIR} is absent: the trained tiny MoE checkpoint ships in the repo (see models/)")
-    return MODEL_DIR
 
 
 @pytest.fixture(scope="module")
