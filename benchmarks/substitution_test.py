@@ -30,7 +30,7 @@ import torch
 
 from sere.hf.calibrate import capture_layer_inputs, load_model, log, tokenize
 from sere.hf.moe import find_moe_blocks
-from sere.sidecars import load_sidecar
+from sere.sidecars import ERROR_METRIC, load_sidecar
 from sere.hf.substitution import substitution_error
 
 
@@ -73,7 +73,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--model", required=True)
     parser.add_argument("--data", required=True, help="held-out text (file or folder)")
     parser.add_argument("--tokens", type=int, default=16384)
-    parser.add_argument("--similarity", nargs="*", help="sidecar files (default: MODEL/sere_similarity*.safetensors)")
+    parser.add_argument("--similarity", nargs="*",
+                        help="similarity sidecar files (default: MODEL/sere_similarity*.safetensors but the "
+                             "substitution-error one)")
     parser.add_argument("--chunk-tokens", type=int, default=256)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--threads", type=int)
@@ -88,6 +90,10 @@ def main(argv: list[str] | None = None) -> dict:
     sidecars = {}
     for path in paths:
         sidecar = load_sidecar(path, num_experts=blocks[0].num_experts, layer_ids=[b.layer_idx for b in blocks])
+        if sidecar.metric == ERROR_METRIC:  # an error, not a similarity: its "nearest" is the worst
+            if args.similarity:
+                raise SystemExit(f"{path} holds substitution errors, not a similarity")
+            continue
         label = sidecar.metric if sidecar.metric not in sidecars else Path(path).name
         sidecars[label] = sidecar
     tokens = tokenize(tokenizer, args.data, args.tokens)

@@ -111,11 +111,14 @@ def load_corpus(heldout_percent: float = 5.0, fortune_doc_chars: int = 4000) -> 
         key = "stdlib/" + path.relative_to(root).as_posix()
         bucket = corpus.heldout_code if held_out(key, heldout_percent) else corpus.train_code
         bucket.append((key, text))
-    corpus.notes.append(f"stdlib root {root}")
+    corpus.notes.append("stdlib root: the running Python's standard library")
 
     files = fortune_files()
-    if not files:
-        corpus.notes.append("fortunes not installed: stdlib only")
+    if not files:  # no silent fallback: a code-only corpus trains another model
+        raise SystemExit(
+            f"no fortunes under {FORTUNES_DIR}: the corpus needs Debian's English text "
+            "(apt-get install fortunes fortunes-min)"
+        )
     for path in files:
         text = _read_text(path)
         if not text:

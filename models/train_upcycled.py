@@ -1,7 +1,7 @@
 """Train tiny-moe-upcycled: a dense Qwen3 model, upcycled into 64 fine-grained experts, then MoE-trained.
 
     nice -n 10 .venv/bin/python models/train_upcycled.py --out models/tiny-moe-upcycled \
-        --dense-tokens 600000 --moe-tokens 1200000
+        --dense-tokens 600000 --moe-tokens 2000000 --seed 0
 
 Same tokenizer (copied from models/tiny-moe), corpus, split, held-out and calibration text as
 tiny-moe. Phases (each cached under --work, so a rerun skips finished ones):
@@ -9,7 +9,7 @@ tiny-moe. Phases (each cached under --work, so a rerun skips finished ones):
 2. upcycle (models/upcycle.py): the FFN split into --experts experts of width --expert-width by
    shuffled fine-grained partitions, down_proj scaled by F/w, routers N(0, --router-std);
 3. moe: AdamW on the upcycled model with the load-balancing loss;
-then held-out loss of the dense, just-upcycled and final models (and of --compare, tiny-moe) with
+then held-out loss of the dense, just-upcycled and final models (and of --compare, if given) with
 the same code, export, train_log.json. ``--bench-steps N`` times N steps of each phase and exits.
 """
 
@@ -53,7 +53,7 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=8, help="global batch (split over --procs)")
     p.add_argument("--dense-tokens", type=int, default=600_000)
     p.add_argument("--dense-lr", type=float, default=3e-3)
-    p.add_argument("--moe-tokens", type=int, default=1_200_000)
+    p.add_argument("--moe-tokens", type=int, default=2_000_000)
     p.add_argument("--moe-lr", type=float, default=1.5e-3)
     p.add_argument("--warmup-tokens", type=int, default=100_000)
     p.add_argument("--min-lr-ratio", type=float, default=0.1)
@@ -194,6 +194,9 @@ def evaluations(args, vocab: int, dense: Phase, moe: Phase) -> dict:
 
 def write_log(args, dense: Phase, moe: Phase, losses: dict, upcycle_info: dict, argv) -> None:
     logs = {p.name: json.loads(Path(p.out_path).with_suffix(".log.json").read_text()) for p in (dense, moe)}
+    for lg in logs.values():  # no machine paths in the shipped log: file names under --work only
+        for key in ("init_path", "out_path"):
+            lg["phase"][key] = "WORK/" + Path(lg["phase"][key]).name if lg["phase"][key] else ""
     heldout = np.load(args.work / "heldout_ids.npy")
     eval_tokens = windows(torch.from_numpy(heldout), args.seq_len)[:, 1:].reshape(-1)
     train_ids = torch.from_numpy(np.load(args.work / "train_ids.npy").astype(np.int64))
@@ -229,9 +232,11 @@ def main(argv=None):
     dense, moe = phases(args)
     if args.bench_steps:
         run_phase(args, vocab, dense, args.port)
-        if not Path(moe.init_path).exists():  # bench the MoE phase on a random upcycle
-            torch.save(build(args, vocab, replace(moe, init_path="")).state_dict(), moe.init_path + ".bench")
-        run_phase(args, vocab, replace(moe, init_path=moe.init_path + ".bench"), args.port + 1)
+        bench_init = moe.init_path
+        if not Path(bench_init).exists():  # no upcycled weights yet: time the MoE phase on a random init
+            bench_init = str(args.work / "bench_init.pt")
+            torch.save(build(args, vocab, replace(moe, init_path="")).state_dict(), bench_init)
+        run_phase(args, vocab, replace(moe, init_path=bench_init), args.port + 1)
         return
     if not Path(dense.out_path).exists():
         run_phase(args, vocab, dense, args.port)

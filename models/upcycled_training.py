@@ -13,6 +13,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -96,16 +97,14 @@ def worker(rank: int, args, vocab_size: int, phase: Phase, port: int):
             write_line(line, file=sys.stdout)
 
     work = Path(args.work)
-    train_ids = torch.from_numpy(np.load(work / "train_ids.npy").astype(np.int64))
-    quick = windows(torch.from_numpy(np.load(work / "heldout_ids.npy")), args.seq_len)
-    quick = quick[torch.randperm(quick.shape[0], generator=torch.Generator().manual_seed(1))[: args.eval_windows]]
+    train_ids, quick = load_streams(work, args)
     model = build(args, vocab_size, phase)
     opt = make_optimizer(model, args, phase.lr)
     local_bs = args.batch_size // args.procs
     tokens_per_step = args.batch_size * args.seq_len
     total = max(1, phase.tokens // tokens_per_step)
     warm = max(1, phase.warmup_tokens // tokens_per_step)
-    sched = argparse_like(lr=phase.lr, min_lr_ratio=args.min_lr_ratio)
+    sched = SimpleNamespace(lr=phase.lr, min_lr_ratio=args.min_lr_ratio)  # what lr_at reads
     log = {"phase": asdict(phase), "steps": [], "evals": []}
     step, elapsed_before, ckpt = 0, 0.0, work / f"ckpt_{phase.name}.pt"
     if args.resume and ckpt.exists():
@@ -150,17 +149,23 @@ def worker(rank: int, args, vocab_size: int, phase: Phase, port: int):
         say(f"BENCH {phase.name}: {dt:.2f} s/step, {tokens_per_step / dt:.0f} tokens/s")
         return
     if rank == 0:
-        with torch.no_grad():
-            for p in model.parameters():
-                p.copy_(p.to(torch.bfloat16).float())  # the shipped precision
         log["train_time_s"] = round(elapsed_before + time.time() - t0, 1)
         log["train_tokens"] = step * tokens_per_step
-        torch.save(model.state_dict(), phase.out_path)
-        Path(phase.out_path).with_suffix(".log.json").write_text(json.dumps(log, indent=1))
+        save_final(model, log, phase)
 
 
-def argparse_like(**kw):
-    """The attribute bag ``train_tiny_moe.lr_at`` reads (lr, min_lr_ratio)."""
-    from types import SimpleNamespace
+def load_streams(work: Path, args) -> tuple[torch.Tensor, torch.Tensor]:
+    """Train token stream [n] and the quick-eval held-out windows [W, T+1] (tiny-moe's choice of windows)."""
+    train_ids = torch.from_numpy(np.load(work / "train_ids.npy").astype(np.int64))
+    quick = windows(torch.from_numpy(np.load(work / "heldout_ids.npy")), args.seq_len)
+    pick = torch.randperm(quick.shape[0], generator=torch.Generator().manual_seed(1))[: args.eval_windows]
+    return train_ids, quick[pick]
 
-    return SimpleNamespace(**kw)
+
+def save_final(model, log: dict, phase: Phase) -> None:
+    """Round to the shipped precision (bf16, kept in fp32) and save the weights and the phase log."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.to(torch.bfloat16).float())
+    torch.save(model.state_dict(), phase.out_path)
+    Path(phase.out_path).with_suffix(".log.json").write_text(json.dumps(log, indent=1))

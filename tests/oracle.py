@@ -16,6 +16,8 @@ import math
 import struct
 from typing import NamedTuple
 
+import torch
+
 INF = math.inf
 
 
@@ -264,3 +266,13 @@ def route(cfg, topk_ids, topk_weights, *, num_experts: int, matrix=None, thresho
         out = sere_err(ids, weights, matrix, S, cfg.tolerance, keep_cost, cfg.max_distinct, cfg.renormalize,
                        primary, router_scores if cfg.refill else None)
     return out.ids, out.weights, stats(ids, out, primary_set(ids, S, primary)), True
+
+
+def error_matrix(num_experts: int, entries: dict) -> torch.Tensor:
+    """A hand-case substitution-error matrix: 1 (as bad as dropping) except the listed (i, j)
+    entries; diagonal 0."""
+    error = torch.ones(num_experts, num_experts)
+    error.fill_diagonal_(0.0)
+    for (i, j), value in entries.items():
+        error[i, j] = value
+    return error

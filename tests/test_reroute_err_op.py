@@ -19,16 +19,9 @@ from sere.reference import STAT_FIELDS
 
 INF = math.inf
 
+from oracle import error_matrix  # noqa: E402
+
 pytestmark = pytest.mark.usefixtures("compiled_op")  # fails, never skips, without sere._C
-
-
-def _error(num_experts, entries):
-    """Substitution errors: 1 (as bad as dropping) except the listed (i, j) pairs; diagonal 0."""
-    error = torch.ones(num_experts, num_experts)
-    error.fill_diagonal_(0.0)
-    for (i, j), value in entries.items():
-        error[i, j] = value
-    return error
 
 
 def test_stat_fields_extend_the_reroute_ones():
@@ -45,7 +38,7 @@ def test_substitute_drop_and_keep_by_hand():
     # stats: before {0..4} = 5, after {0, 1, 4} = 3, |P| = 2, rerouted 3, critical 1, dropped 1
     ids = torch.tensor([[0, 2, 3], [1, 4, 2]])
     weights = torch.tensor([[0.5, 0.3, 0.2], [0.2, 0.6, 0.2]])
-    error = _error(5, {(2, 1): 0.2, (3, 0): 0.9, (4, 1): 0.95})
+    error = error_matrix(5, {(2, 1): 0.2, (3, 0): 0.9, (4, 1): 0.95})
     new_ids, new_w, stats = sere.ops.reroute_err_with_stats(ids, weights, error, 1, tolerance=0.5, keep_cost=0.5)
     assert new_ids.tolist() == [[0, 1, 0], [1, 4, 1]]
     assert torch.equal(new_w, torch.tensor([[0.5, 0.3, 0.0], [0.2, 0.6, 0.2]]))
@@ -71,7 +64,7 @@ def test_budget_keeps_the_largest_summed_cost_ties_to_the_lowest_id():
     #   [0 | 1]  [0 | 1]  [0 | 2]  [0 | 3]  [0 | 4]   ->   [0 | 1]  [0 | 1]  [0 | 0]  [0 | 3]  [0 | 0]
     ids = torch.tensor([[0, 1], [0, 1], [0, 2], [0, 3], [0, 4]], dtype=torch.int32)
     weights = torch.tensor([[0.75, 0.25], [0.75, 0.25], [0.5, 0.5], [0.25, 0.75], [0.8, 0.2]])
-    error = _error(5, {})
+    error = error_matrix(5, {})
     new_ids, new_w, stats = sere.ops.reroute_err_with_stats(
         ids, weights, error, 1, tolerance=1.0, keep_cost=0.1, max_distinct=3
     )
@@ -87,7 +80,7 @@ def test_external_primary_and_nan_errors():
     #   [0 | 3 1]  ->  [0 | 0 1]  w [.5 0 .2];   [2 | 4 0]  ->  [2 | 1 1]   (4 -> 1 at 0.25, 0 -> 1)
     ids = torch.tensor([[0, 3, 1], [2, 4, 0]])
     weights = torch.tensor([[0.5, 0.3, 0.2], [0.4, 0.3, 0.3]])
-    error = _error(5, {(3, 2): float("nan"), (3, 1): 0.1, (4, 1): 0.25, (0, 1): 0.5})
+    error = error_matrix(5, {(3, 2): float("nan"), (3, 1): 0.1, (4, 1): 0.25, (0, 1): 0.5})
     primary = torch.tensor([False, True, True, False, False])
     new_ids, new_w, stats = sere.ops.reroute_err_with_stats(ids, weights, error, 1, primary=primary)
     assert new_ids.tolist() == [[0, 0, 1], [2, 1, 1]]
@@ -113,7 +106,7 @@ def test_refill_by_hand():
     # stats: after {0, 1, 4} 3, rerouted 3, critical 1, dropped 1 (before the refill)
     ids = torch.tensor([[0, 2, 3], [1, 4, 2]])
     weights = torch.tensor([[0.5, 0.3, 0.2], [0.2, 0.6, 0.2]])
-    error = _error(5, {(2, 1): 0.2, (3, 0): 0.9, (4, 1): 0.95})
+    error = error_matrix(5, {(2, 1): 0.2, (3, 0): 0.9, (4, 1): 0.95})
     scores = torch.tensor([[0.1, 0.2, 0.1, 0.1, 0.4], [0.2] * 5])
     new_ids, new_w, stats = sere.ops.reroute_err_with_stats(
         ids, weights, error, 1, tolerance=0.5, keep_cost=0.5, router_scores=scores
@@ -136,7 +129,7 @@ def test_refill_skips_nan_and_zero_weight_slots():
     scores = torch.tensor([[0.1, 0.1, math.nan, 0.3, 0.1], [0.1, 0.1, 0.2, 0.3, 0.1]])
     primary = torch.tensor([True, False, True, True, False])
     new_ids, new_w, stats = sere.ops.reroute_err_with_stats(
-        ids, weights, _error(5, {}), 1, 0.5, primary=primary, router_scores=scores
+        ids, weights, error_matrix(5, {}), 1, 0.5, primary=primary, router_scores=scores
     )
     assert new_ids.tolist() == [[0, 0, 3], [0, 3, 0]]
     assert new_w[0, 1].item() == 0.0 and new_w[1, 2].item() == 0.0

@@ -6,16 +6,8 @@ import pytest
 import torch
 
 import oracle
+from oracle import error_matrix
 from sere.reference import primary_mask, sere_err_reference
-
-
-def _error(num_experts, entries):
-    """Substitution errors: 1 (as bad as dropping) except the listed (i, j) pairs; diagonal 0."""
-    error = torch.ones(num_experts, num_experts)
-    error.fill_diagonal_(0.0)
-    for (i, j), value in entries.items():
-        error[i, j] = value
-    return error
 
 
 def test_substitute_drop_and_keep_by_hand():
@@ -25,7 +17,7 @@ def test_substitute_drop_and_keep_by_hand():
     #   token 1: [1 | 4 2]  w [.2 .6 .2]   ->  [1 | 4 1]  w [.2 .6 .2]
     ids = torch.tensor([[0, 2, 3], [1, 4, 2]])
     weights = torch.tensor([[0.5, 0.3, 0.2], [0.2, 0.6, 0.2]])
-    error = _error(5, {(2, 1): 0.2, (3, 0): 0.9, (4, 1): 0.95})
+    error = error_matrix(5, {(2, 1): 0.2, (3, 0): 0.9, (4, 1): 0.95})
     new_ids, new_w = sere_err_reference(ids, weights, error, 1, tolerance=0.5, keep_cost=0.5)
     assert new_ids.tolist() == [[0, 1, 0], [1, 4, 1]]
     torch.testing.assert_close(new_w, torch.tensor([[0.5, 0.3, 0.0], [0.2, 0.6, 0.2]]))
@@ -41,7 +33,7 @@ def test_substitute_drop_and_keep_by_hand():
 
 def test_ties_go_to_the_lowest_primary():
     ids = torch.tensor([[3, 0], [1, 2]])  # P = {1, 3}; expert 0 and 2 are equally close to both
-    error = _error(4, {(0, 1): 0.3, (0, 3): 0.3, (2, 1): 0.4, (2, 3): 0.4})
+    error = error_matrix(4, {(0, 1): 0.3, (0, 3): 0.3, (2, 1): 0.4, (2, 3): 0.4})
     new_ids, _ = sere_err_reference(ids, torch.ones(2, 2), error, 1)
     assert new_ids.tolist() == [[3, 1], [1, 1]]
 
@@ -96,7 +88,7 @@ def test_refill_by_hand():
     ids = torch.tensor([[0, 2, 3], [1, 3, 2]])
     scores = torch.tensor([[0.4, 0.3, 0.2, 0.1], [0.1, 0.5, 0.1, 0.3]])
     weights = scores.gather(1, ids) / scores.gather(1, ids).sum(1, keepdim=True)  # renormalised top-3
-    new_ids, new_w = sere_err_reference(ids, weights, _error(4, {}), 1, tolerance=0.5, router_scores=scores)
+    new_ids, new_w = sere_err_reference(ids, weights, error_matrix(4, {}), 1, tolerance=0.5, router_scores=scores)
     assert new_ids.tolist() == [[0, 1, 0], [1, 0, 1]]
     # weight = score x (sum of top-k weights / sum of their scores): 0.3 / 0.7 and 0.1 / 0.9
     torch.testing.assert_close(new_w, torch.tensor([[0.4 / 0.7, 0.3 / 0.7, 0.0], [0.5 / 0.9, 0.1 / 0.9, 0.0]]))

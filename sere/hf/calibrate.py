@@ -132,11 +132,13 @@ def parse_calibration_args(
     return args
 
 
+MODEL_HELP = ("Hugging Face model directory (config.json, weights, tokenizer) of a supported MoE family: "
+              "Qwen2/3-MoE, Mixtral, OLMoE, DeepSeek-V2/V3")
+
+
 def add_model_and_data_args(parser: argparse.ArgumentParser) -> None:
     """--model and --data, the inputs of both calibration CLIs."""
-    parser.add_argument("--model", required=True, metavar="DIR",
-                        help="Hugging Face model directory (config.json, weights, tokenizer) of a supported "
-                             "MoE family: Qwen2/3-MoE, Mixtral, OLMoE, DeepSeek-V2/V3")
+    parser.add_argument("--model", required=True, metavar="DIR", help=MODEL_HELP)
     parser.add_argument("--data", required=True, metavar="PATH",
                         help="calibration text: a UTF-8 file, or a folder whose text files are read in "
                              "sorted order (files that are not UTF-8 are skipped)")

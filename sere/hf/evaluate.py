@@ -29,7 +29,7 @@ from torch import nn
 
 from sere.config import SereConfig
 from sere.ep.placement import linear_placement
-from sere.hf.calibrate import load_model, log, tokenize
+from sere.hf.calibrate import MODEL_HELP, load_model, log, tokenize
 from sere.hf.moe import find_moe_blocks, routing_hook
 from sere.policy import POLICIES, label, matrix_kind
 from sere.progress import Progress
@@ -246,9 +246,7 @@ def build_parser(prog: str = "python -m sere.evaluate") -> argparse.ArgumentPars
         epilog=f"example:\n  {prog} --model models/tiny-moe --text models/tiny-moe/heldout.txt \\\n"
                "      --batch-size 8 32 --policy sere oea --num-primary 2 4 --json eval.json --png eval.png",
     )
-    parser.add_argument("--model", required=True, metavar="DIR",
-                        help="Hugging Face model directory (config.json, weights, tokenizer) of a supported "
-                             "MoE family: Qwen2/3-MoE, Mixtral, OLMoE, DeepSeek-V2/V3")
+    parser.add_argument("--model", required=True, metavar="DIR", help=MODEL_HELP)
     parser.add_argument("--text", required=True, metavar="PATH",
                         help="held-out text: a UTF-8 file, or a folder whose text files are read in sorted "
                              "order; cut into non-overlapping sequences of --seq-len + 1 tokens")
