@@ -186,6 +186,18 @@ def plot(records: list[dict], path: str | Path, title: str) -> None:
     plt.close(fig)
 
 
+def _repo_path(path) -> str:
+    """`path` relative to the repository when inside it (results files record no machine paths)."""
+    resolved = Path(path).resolve()
+    return str(resolved.relative_to(ROOT)) if resolved.is_relative_to(ROOT) else Path(path).name
+
+
+def _command(argv: list[str] | None) -> str:
+    """The command line that made a results file, with repository-relative paths."""
+    words = sys.argv[1:] if argv is None else argv
+    return " ".join(["python benchmarks/pareto.py"] + [_repo_path(w) if Path(w).exists() else w for w in words])
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=str(ROOT / "models/tiny-moe"))
@@ -209,7 +221,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.merge:
         parts = [json.loads(Path(p).read_text()) for p in args.merge]
         records = sorted((r for p in parts for r in p["records"]), key=lambda r: r["batch_size"])
-        meta = {**parts[0]["meta"], "wall_s": [p["meta"]["wall_s"] for p in parts], "merged": args.merge}
+        meta = {**parts[0]["meta"], "wall_s": [p["meta"]["wall_s"] for p in parts],
+                "merged": [p["meta"].get("command", "") for p in parts], "command": _command(argv)}
         Path(args.json).write_text(json.dumps({"meta": meta, "records": records}, indent=1))
         plot(records, args.png, f"{Path(meta['model']).name}: E={meta['num_experts']} K={meta['top_k']}, "
                                 f"L={meta['seq_len']} steps, {meta['num_batches']} paired batches per B")
@@ -250,7 +263,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         per[s["label"]][key].append(value)
                     per[s["label"]]["distinct"].append(distinct)
             records += summarise(per, settings, bs, args.seq_len)
-    meta = {"model": str(model_dir), "text": str(args.text), "seq_len": args.seq_len,
+    meta = {"command": _command(argv), "model": _repo_path(model_dir), "text": _repo_path(args.text),
+            "seq_len": args.seq_len,
             "num_batches": args.num_batches, "quantile": args.quantile,
             "sidecar_tokens": {k: v.num_tokens for k, v in sidecars.items()},
             "num_experts": blocks[0].num_experts, "top_k": blocks[0].top_k, "moe_layers": len(blocks),
