@@ -269,6 +269,39 @@ section 5 of the SERE specification for what was found about expert similarity o
     (d / "README.md").write_text(text, encoding="utf-8")
 
 
+def training_model(d: Path, cfg) -> TinyQwen3Moe:
+    """The training-code network loaded from the exported safetensors of `d` (HF config `cfg`)."""
+    from safetensors.torch import load_file
+
+    tcfg = TinyMoeConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads, num_key_value_heads=cfg.num_key_value_heads,
+        head_dim=cfg.head_dim, num_experts=cfg.num_experts, num_experts_per_tok=cfg.num_experts_per_tok,
+        moe_intermediate_size=cfg.moe_intermediate_size, rope_theta=cfg.rope_parameters["rope_theta"],
+        rms_norm_eps=cfg.rms_norm_eps, max_position_embeddings=cfg.max_position_embeddings,
+    )
+    mine = TinyQwen3Moe(tcfg).eval()
+    import_state_dict(mine, load_file(str(d / "model.safetensors")))
+    return mine
+
+
+def heldout_report(hf, tok, wins, d, cfg, batch_size: int) -> dict:
+    """Held-out loss / perplexity of the transformers model on `wins` [W, T+1], the unigram baseline
+    from calib.txt, and expert utilisation (shared by verify_upcycled.py)."""
+    t0 = time.time()
+    loss, counts, mass = hf_eval(hf, wins, batch_size, cfg.num_experts_per_tok, cfg.num_experts)
+    uni = unigram_loss(tok, (d / "calib.txt").read_text(encoding="utf-8"), wins[:, 1:].reshape(-1))
+    return {
+        "hf_heldout_eval_seconds": round(time.time() - t0, 1),
+        "heldout_tokens": int(wins[:, 1:].numel()),
+        "heldout_loss_hf": round(loss, 4),
+        "heldout_ppl_hf": round(math.exp(loss), 3),
+        "unigram_ppl_calib_counts": round(math.exp(uni), 2),
+        "expert_utilisation": [utilisation(counts[i], mass[i]) for i in range(counts.shape[0])],
+        "expert_token_counts": counts.long().tolist(),
+    }
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dir", type=Path, default=Path(__file__).parent / "tiny-moe")
@@ -303,17 +336,7 @@ def main(argv=None):
     res["hf_generations"] = gens
 
     # Export faithfulness: training model <- exported safetensors vs the HF model.
-    from safetensors.torch import load_file
-
-    tcfg = TinyMoeConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_hidden_layers,
-        num_attention_heads=cfg.num_attention_heads, num_key_value_heads=cfg.num_key_value_heads,
-        head_dim=cfg.head_dim, num_experts=cfg.num_experts, num_experts_per_tok=cfg.num_experts_per_tok,
-        moe_intermediate_size=cfg.moe_intermediate_size, rope_theta=cfg.rope_parameters["rope_theta"],
-        rms_norm_eps=cfg.rms_norm_eps, max_position_embeddings=cfg.max_position_embeddings,
-    )
-    mine = TinyQwen3Moe(tcfg).eval()
-    import_state_dict(mine, load_file(str(d / "model.safetensors")))
+    mine = training_model(d, cfg)
     wins = heldout_windows(tok, (d / "heldout.txt").read_text(encoding="utf-8"), args.seq_len)
     if args.max_windows:
         wins = wins[: args.max_windows]
@@ -324,16 +347,7 @@ def main(argv=None):
     res["logits_abs_max"] = float(a.abs().max())
     res["argmax_agreement_train_vs_hf"] = float((a.argmax(-1) == b.argmax(-1)).float().mean())
 
-    t0 = time.time()
-    loss, counts, mass = hf_eval(hf, wins, args.batch_size, cfg.num_experts_per_tok, cfg.num_experts)
-    res["hf_heldout_eval_seconds"] = round(time.time() - t0, 1)
-    res["heldout_tokens"] = int(wins[:, 1:].numel())
-    res["heldout_loss_hf"] = round(loss, 4)
-    res["heldout_ppl_hf"] = round(math.exp(loss), 3)
-    uni = unigram_loss(tok, (d / "calib.txt").read_text(encoding="utf-8"), wins[:, 1:].reshape(-1))
-    res["unigram_ppl_calib_counts"] = round(math.exp(uni), 2)
-    res["expert_utilisation"] = [utilisation(counts[i], mass[i]) for i in range(counts.shape[0])]
-    res["expert_token_counts"] = counts.long().tolist()
+    res.update(heldout_report(hf, tok, wins, d, cfg, args.batch_size))
     log = json.loads((d / "train_log.json").read_text())
     res["train_loop_heldout_ppl"] = log["final"]["heldout_ppl"]
     res["size_bytes"] = sum(f.stat().st_size for f in shipped_files(d))

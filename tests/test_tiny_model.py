@@ -6,28 +6,11 @@ import json
 import math
 from pathlib import Path
 
-import pytest
-
 import torch
 import transformers
+from shipped_models import model, shipped, tok  # noqa: F401 (fixtures)
 
 MODEL_DIR = Path(__file__).resolve().parents[1] / "models" / "tiny-moe"
-
-@pytest.fixture(scope="module", autouse=True)
-def _shipped_model():
-    assert (MODEL_DIR / "model.safetensors").exists(), f"the shipped model is missing: {MODEL_DIR}"
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return transformers.AutoTokenizer.from_pretrained(str(MODEL_DIR))
-
-
-@pytest.fixture(scope="module")
-def model():
-    torch.set_num_threads(2)
-    return transformers.AutoModelForCausalLM.from_pretrained(str(MODEL_DIR), dtype=torch.float32).eval()
-
 
 def test_config_is_qwen3_moe_64_experts_top8():
     raw = json.loads((MODEL_DIR / "config.json").read_text())

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import transformers
+from shipped_models import model, shipped, tok  # noqa: F401 (fixtures)
 
 from sere.sidecars import load_sidecar
 
@@ -27,22 +27,6 @@ SIDECARS = {
 # windows of heldout.txt was 69.26 (tiny-moe: 51.99); the bound leaves 10 % for numerical / version drift.
 HELDOUT_SLICE_PPL = 69.26
 PPL_BOUND = 1.10 * HELDOUT_SLICE_PPL
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _shipped_model():
-    assert (MODEL_DIR / "model.safetensors").exists(), f"the shipped model is missing: {MODEL_DIR}"
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return transformers.AutoTokenizer.from_pretrained(str(MODEL_DIR))
-
-
-@pytest.fixture(scope="module")
-def model():
-    torch.set_num_threads(2)
-    return transformers.AutoModelForCausalLM.from_pretrained(str(MODEL_DIR), dtype=torch.float32).eval()
 
 
 def test_config_is_qwen3_moe_64_fine_grained_experts():
