@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from sere.reference import primary_mask, renormalize_weights
+from sere.reference import primary_or_default, renormalize_weights
 
 __all__ = ["allowed_experts", "locality_reroute", "node_oea", "node_sere", "node_sere_err"]
 
@@ -59,15 +59,12 @@ def locality_reroute(
     """
     num_tokens, top_k = topk_ids.shape
     num_experts = similarity.shape[0]
-    if not 0 < num_primary < top_k:
-        raise ValueError(f"num_primary must be in [1, top_k={top_k}), got {num_primary}")
+    primary = primary_or_default(topk_ids, num_experts, num_primary, primary)
     if epsilon < 0:
         raise ValueError(f"epsilon={epsilon!r} must be >= 0")
     if expert_to_rank.shape != (num_experts,):
         raise ValueError(f"expert_to_rank must have shape [{num_experts}], got {tuple(expert_to_rank.shape)}")
     device = topk_ids.device
-    if primary is None:
-        primary = primary_mask(topk_ids, num_experts, num_primary)
     expert_to_rank = expert_to_rank.to(device).long()
     num_ranks = int(expert_to_rank.max()) + 1
 

@@ -73,6 +73,16 @@ def primary_mask(topk_ids: torch.Tensor, num_experts: int, num_primary: int) -> 
     return mask
 
 
+def primary_or_default(
+    topk_ids: torch.Tensor, num_experts: int, num_primary: int, primary: torch.Tensor | None
+) -> torch.Tensor:
+    """`primary` ([E] bool), or P of `topk_ids` when None; checks 1 <= S < K first."""
+    top_k = topk_ids.shape[1]
+    if not 0 < num_primary < top_k:
+        raise ValueError(f"num_primary must be in [1, top_k={top_k}), got {num_primary}")
+    return primary_mask(topk_ids, num_experts, num_primary) if primary is None else primary
+
+
 def _nearest_primary(similarity: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """For every expert e: (p*, sim[e, p*]) with p* = argmax over p in P of sim[e, p].
 
@@ -112,12 +122,7 @@ def reroute_reference(
     Returns:
         (new topk_ids [T, K] same dtype, topk_weights unchanged).
     """
-    num_tokens, top_k = topk_ids.shape
-    num_experts = similarity.shape[0]
-    if not 0 < num_primary < top_k:
-        raise ValueError(f"num_primary must be in [1, top_k={top_k}), got {num_primary}")
-    if primary is None:
-        primary = primary_mask(topk_ids, num_experts, num_primary)
+    primary = primary_or_default(topk_ids, similarity.shape[0], num_primary, primary)
     best_id, best_val = _nearest_primary(similarity, primary)
 
     secondary = topk_ids[:, num_primary:].long()  # [T, K-S]
@@ -161,10 +166,7 @@ def oea_reference(
     """
     num_tokens, top_k = topk_ids.shape
     num_experts = router_scores.shape[1]
-    if not 0 < num_primary < top_k:
-        raise ValueError(f"num_primary must be in [1, top_k={top_k}), got {num_primary}")
-    if primary is None:
-        primary = primary_mask(topk_ids, num_experts, num_primary)
+    primary = primary_or_default(topk_ids, num_experts, num_primary, primary)
     head = topk_ids[:, :num_primary].long()  # [T, S]
     scores = router_scores.float()  # [T, E]
     available = primary[None, :].expand(num_tokens, num_experts).clone()  # [T, E]
@@ -249,12 +251,9 @@ def sere_err_reference(
             f"router_scores must be [num_tokens={num_tokens}, num_experts={num_experts}], "
             f"got {tuple(router_scores.shape)}"
         )
-    if not 0 < num_primary < top_k:
-        raise ValueError(f"num_primary must be in [1, top_k={top_k}), got {num_primary}")
     if not 0.0 < tolerance <= 1.0:
         raise ValueError(f"tolerance={tolerance!r} must be in (0, 1]")
-    if primary is None:
-        primary = primary_mask(topk_ids, num_experts, num_primary)
+    primary = primary_or_default(topk_ids, num_experts, num_primary, primary)
     best_id, substitute, drop, critical = _sere_err_decision(
         topk_ids, topk_weights, error, num_primary, tolerance, keep_cost, max_distinct, primary
     )
