@@ -122,8 +122,9 @@ def median_ms(fns, device, repeats, warmup, inner=1):
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
-def graph_replay_ms(fn, repeats, calls_per_graph=20):
-    """Median time of one `fn` call replayed from a captured CUDA graph."""
+def capture(fn, calls: int = 1) -> torch.cuda.CUDAGraph:
+    """`calls` calls of `fn` captured in a CUDA graph, after one warm-up call on a side stream
+    (lazy init, workspaces)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -131,8 +132,14 @@ def graph_replay_ms(fn, repeats, calls_per_graph=20):
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        for _ in range(calls_per_graph):
+        for _ in range(calls):
             fn()
+    return graph
+
+
+def graph_replay_ms(fn, repeats, calls_per_graph=20):
+    """Median time of one `fn` call replayed from a captured CUDA graph."""
+    graph = capture(fn, calls_per_graph)
     timed = median_ms({"graph": graph.replay}, torch.device("cuda"), repeats, warmup=3)
     return timed["graph"] / calls_per_graph
 

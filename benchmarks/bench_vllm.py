@@ -11,7 +11,8 @@ drift. Per (policy, batch size):
                        with max_decode_tokens = batch size so that prefill steps are not counted)
 Each round rotates the policy order. `--mode` picks vLLM's execution mode: `compiled` (vLLM's
 default: torch.compile of the whole model, the SERE routing op inside the graph), `eager`
-(enforce_eager=True), or `both` (one engine after the other, records tagged with their mode). Greedy decoding with ignore_eos, prefix caching off (each
+(enforce_eager=True), or `both` (one engine after the other, records tagged with their mode, and
+`mode_comparison`: TPOT compiled vs eager per policy and batch size). Greedy decoding with ignore_eos, prefix caching off (each
 policy computes its own KV), a different prompt per sequence (snippets of the Python standard
 library).
 
@@ -20,6 +21,9 @@ library).
     python benchmarks/bench_vllm.py --model models/tiny-moe --mode both --policies topk sere \
         --json benchmarks/results/vllm_modes.json
     python benchmarks/make_random_moe.py    # Qwen3-30B-A3B layer shapes, random weights
+    OMP_NUM_THREADS=1 python benchmarks/bench_vllm.py --model build/random-moe --mode both \
+        --policies topk sere --batch-sizes 1 4 16 64 --max-tokens 16 --prompt-chars 32 \
+        --json benchmarks/results/vllm_modes_random_moe.json --png benchmarks/results/vllm_modes_random_moe.png
     OMP_NUM_THREADS=1 python benchmarks/bench_vllm.py --model build/random-moe \
         --batch-sizes 1 4 8 16 32 64 --policies topk sere oea sere-err --tolerance 0.6 --renormalize \
         --max-tokens 16 --prompt-chars 32 --json out.json --png out.png
@@ -35,6 +39,7 @@ threads on two busy cores, every barrier waits for a descheduled thread (decode 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -86,6 +91,25 @@ def _model_shape(model: str) -> dict:
     keys = ("num_hidden_layers", "hidden_size", "num_experts", "num_local_experts", "num_experts_per_tok",
             "moe_intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size")
     return {key: conf[key] for key in keys if key in conf}
+
+
+def _model_recipe(model: str) -> dict | None:
+    """The arguments that made a `make_random_moe.py` model (its make_random_moe.json), else None."""
+    path = Path(model) / "make_random_moe.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def mode_comparison(records: list[dict]) -> list[dict]:
+    """TPOT of the compiled and the eager engine side by side, per policy and batch size."""
+    tpot = {(r["mode"], r["policy"], r["batch_size"]): r["tpot_ms"] for r in records}
+    rows = []
+    for (mode, policy, batch), compiled in tpot.items():
+        eager = tpot.get(("eager", policy, batch))
+        if mode == "compiled" and eager is not None:
+            rows.append({"policy": policy, "batch_size": batch, "tpot_ms_compiled": compiled,
+                         "tpot_ms_eager": eager, "eager_over_compiled": eager / compiled,
+                         "faster": "compiled" if compiled < eager else "eager"})
+    return rows
 
 
 def plot_title(conditions: dict) -> str:
@@ -146,6 +170,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "load_averages_1_5_15_start": os.getloadavg(),
         "model": args.model,
         "model_shape": _model_shape(args.model),
+        "model_recipe": _model_recipe(args.model),
         "max_tokens": args.max_tokens,
         "prompt_chars": args.prompt_chars,
         "repeats": args.repeats,
@@ -162,13 +187,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
     records = []
     for mode in (["compiled", "eager"] if args.mode == "both" else [args.mode]):
         records += _bench_mode(args, mode, sere, conditions)
+        gc.collect()  # free this engine's weights before the next one loads its own
     _print_table(records)
+    comparison = mode_comparison(records)
+    for row in comparison:
+        print(f"{row['policy']:8s} B={row['batch_size']:3d} TPOT compiled {row['tpot_ms_compiled']:7.2f} ms, "
+              f"eager {row['tpot_ms_eager']:7.2f} ms: {row['faster']} faster (x{row['eager_over_compiled']:.2f})")
     conditions["load_average_end"] = os.getloadavg()[0]
     conditions["load_averages_1_5_15_end"] = os.getloadavg()
     conditions["wall_s"] = time.perf_counter() - wall_start
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"conditions": conditions, "records": records}, f, indent=2)
+            json.dump({"conditions": conditions, "records": records, **({"mode_comparison": comparison}
+                                                                       if comparison else {})}, f, indent=2)
     if args.png:
         from plot_policies import plot_policies
 

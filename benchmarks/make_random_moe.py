@@ -29,8 +29,9 @@ sidecars beside them. The sidecars are computed with the project's own tools, ru
 (`sere_similarity.safetensors` for `sere`, `sere_similarity.substitution_error.safetensors` for
 `sere-err`), on short windows (`--calib-seq-len`, like the benchmark's contexts: over long windows
 random attention averages the context and routing concentrates). Calibration runs every expert on
-every calibration token in float32: with the default 4 layers it needs ~13 GB of RAM and a few
-minutes on 2 cores at `--calib-tokens 1024`.
+every calibration token in float32: with the default 4 layers each pass peaks at ~16 GB of RAM
+(measured 2026-12) and takes a few minutes on 2 cores at `--calib-tokens 1024`; `--sidecars similarity`
+runs the `sere` pass only (enough for `bench_vllm.py --policies topk sere oea`).
 """
 
 from __future__ import annotations
@@ -72,6 +73,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--calib-seq-len", type=int, default=64,
                         help="window of the calibration forward pass; short, like the benchmark's contexts")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads for the calibration")
+    parser.add_argument("--sidecars", choices=["both", "similarity"], default="both",
+                        help="similarity: only `sere_similarity.safetensors` (policy sere), skipping the "
+                             "substitution-error pass (sere-err) and its memory peak")
     parser.add_argument("--force", action="store_true", help="replace an existing --out directory")
     args = parser.parse_args(argv)
     if args.out.exists() and any(args.out.iterdir()) and not args.force:
@@ -150,15 +154,28 @@ def save(model, args: argparse.Namespace) -> None:
 
 
 def calibrate(args: argparse.Namespace) -> None:
-    """Both sidecars, by the project's CLIs, each in its own process (each loads the model in
-    float32; one process at a time keeps the peak memory at one copy)."""
+    """The sidecars `--sidecars` names, by the project's CLIs, each in its own process (each loads
+    the model in float32; one process at a time keeps the peak memory at one copy)."""
     common = ["--model", str(args.out), "--data", str(args.calib_data), "--tokens", str(args.calib_tokens),
               "--seq-len", str(args.calib_seq_len)]
     if args.threads:
         common += ["--threads", str(args.threads)]
-    for command in (["sere.calibrate", *common, "--metric", "cosine"], ["sere.substitution", *common]):
+    commands = [["sere.calibrate", *common, "--metric", "cosine"], ["sere.substitution", *common]]
+    for command in commands[: 1 if args.sidecars == "similarity" else 2]:
         print(f"$ python -m {' '.join(command)}", file=sys.stderr, flush=True)
         subprocess.run([sys.executable, "-m", *command], check=True, cwd=REPO)
+
+
+def write_recipe(args: argparse.Namespace) -> None:
+    """OUT/make_random_moe.json: the arguments that made the model (paths inside the repo relative
+    to it, so that results quoting the recipe name no machine paths)."""
+    def plain(value):
+        if not isinstance(value, Path):
+            return value
+        return str(value.resolve().relative_to(REPO)) if value.resolve().is_relative_to(REPO) else str(value)
+
+    recipe = {key: plain(value) for key, value in vars(args).items() if key != "force"}
+    (args.out / "make_random_moe.json").write_text(json.dumps(recipe, indent=1) + "\n")
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -175,8 +192,7 @@ def main(argv: list[str] | None = None) -> Path:
     print(f"[random-moe] wrote {args.out} ({num_params / 1e6:.1f} M parameters, bf16) in "
           f"{time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
     calibrate(args)
-    recipe = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "force"}
-    (args.out / "make_random_moe.json").write_text(json.dumps(recipe, indent=1) + "\n")
+    write_recipe(args)
     print(f"[random-moe] done in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
     return args.out
 

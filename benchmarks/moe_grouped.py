@@ -68,10 +68,7 @@ def grouped_moe(
 
 
 def moe_loop_reference(
-    hidden_states: torch.Tensor,
-    w_gate_up: torch.Tensor,
-    w_down: torch.Tensor,
-    topk_ids: torch.Tensor,
+    hidden_states: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, topk_ids: torch.Tensor,
     topk_weights: torch.Tensor,
 ) -> torch.Tensor:
     """The same sum, one expert at a time over the tokens routed to it. Same arguments and

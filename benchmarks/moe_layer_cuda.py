@@ -15,6 +15,7 @@ import torch
 import sere.ops
 from bench_moe_layer import (EXPERT_BYTES, EXPERT_WIDTH, HIDDEN, NUM_EXPERTS, TOP_K, Row, make_row,
                              structured_similarity)
+from bench_reroute import capture
 from moe_grouped import grouped_moe, moe_loop_reference
 
 L2_FLUSH_BYTES = 256 << 20  # well above an H200's 50 MB L2
@@ -48,19 +49,6 @@ def measure_copy_bandwidth_gbs(num_bytes: int = 1 << 30) -> float:
     dst = torch.empty_like(src)
     seconds = _event_ms(lambda: dst.copy_(src), repeats=10) / 1e3
     return 2 * num_bytes / seconds / 1e9
-
-
-def capture(fn) -> torch.cuda.CUDAGraph:
-    """`fn` captured in a CUDA graph, after one warm-up call on a side stream (lazy init, workspaces)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph
 
 
 def replay_ms(graphs: dict[str, torch.cuda.CUDAGraph], repeats: int, warmup: int = 3) -> dict[str, float]:

@@ -9,13 +9,16 @@ forward per batch, see `decode`), B held-out sequences per batch, re-routing acr
 of each step in every MoE layer. Batches are disjoint windows of the text (as many as fit, up to
 --num-batches). Every policy
 setting decodes the SAME batches, so per-batch differences are paired: each batch's perplexity
-change is against topk on that batch, and each point's gap to OEA's frontier is the per-batch
-difference to OEA's perplexity linearly interpolated at the point's distinct-expert count
-(mean, std, standard error and the number of batches where the point is below the frontier).
+change is against topk on that batch, and each point's gap to OEA's (and XShare's) frontier is
+the per-batch difference to OEA's (XShare's) perplexity linearly interpolated at the point's
+distinct-expert count (mean, std, standard error and the number of batches where the point is
+below the frontier).
 
-Policies: topk; oea S = 1..7; paper sere (cosine and frobenius sidecars, rho = 0 and a per-layer
-quantile); sere-err (substitution error sidecar, renormalised; plain, with OEA's refill of dropped
-slots, and with a budget of distinct experts kept by routing mass, with and without refill).
+Policies: topk; oea S = 1..7; xshare (arXiv 2602.07265) S = 1 over budgets of 8..48 distinct
+experts, and S = 2 at two budgets; paper sere (cosine and frobenius sidecars, rho = 0 and a
+per-layer quantile); sere-err (substitution error sidecar, renormalised; plain, with OEA's refill
+of dropped slots, and with a budget of distinct experts kept by routing mass, with and without
+refill).
 
 Shape legend: B batch size, L decoded steps per sequence, V vocabulary.
 """
@@ -26,6 +29,7 @@ import argparse
 import json
 import math
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -36,15 +40,17 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from plot_policies import plot_pareto  # noqa: E402
 from sere.hf.calibrate import load_model, log, tokenize  # noqa: E402
 from sere.config import SereConfig  # noqa: E402
-from sere.hf.evaluate import _batch_metrics, hook_tables, make_batches  # noqa: E402
-from sere.hf.moe import find_moe_blocks, routing_hook  # noqa: E402
+from sere.hf.lockstep import batch_metrics, decode_forward, make_batches  # noqa: E402
+from sere.hf.moe import find_moe_blocks  # noqa: E402
 from sere.policy import matrix_kind  # noqa: E402
 from sere.progress import Progress  # noqa: E402
 from sere.sidecars import load_sidecar  # noqa: E402
 
 INF = float("inf")
+XSHARE_BUDGETS = (8, 12, 16, 20, 24, 28, 32, 40, 48)  # distinct experts per layer per step (E = 64)
 
 
 def _setting(label: str, sidecar: str | None = None, **fields) -> dict:
@@ -57,6 +63,7 @@ def default_settings(quantile: float) -> list[dict]:
     """The sweep: one dict per setting (label, sidecar, cfg)."""
     out = [_setting("topk", policy="topk")]
     out += [_setting(f"oea S={s}", policy="oea", num_primary=s) for s in range(1, 8)]
+    out += [xshare_setting(1, b) for b in XSHARE_BUDGETS] + [xshare_setting(2, b) for b in (16, 32)]
     for metric, sizes in (("cosine", (2, 4)), ("frobenius", (2,))):
         for s in sizes:
             out.append(_setting(f"sere-{metric[:3]} S={s} rho=0", metric, policy="sere", num_primary=s))
@@ -77,6 +84,13 @@ def _err(s: int, tol: float = 0.6, **kw) -> dict:
                     tolerance=tol, renormalize=True, **kw)
 
 
+def xshare_setting(num_primary: int, budget: int) -> dict:
+    """XShare: each token's top-S experts, then the experts of largest summed router score up to
+    `budget` distinct experts; each token takes its top-k among them."""
+    return _setting(f"xshare S={num_primary} B={budget}", policy="xshare", num_primary=num_primary,
+                    max_distinct=budget)
+
+
 def budget_setting(num_primary: int, max_distinct: int) -> dict:
     """sere-err with refill and a budget: P from each token's top-S, then the experts of largest
     summed routing weight up to `max_distinct`, every other slot substituted, or dropped and
@@ -84,19 +98,13 @@ def budget_setting(num_primary: int, max_distinct: int) -> dict:
     return _err(num_primary, keep_cost=0.0, max_distinct=max_distinct, refill=True)
 
 
-@torch.no_grad()
 def decode(model, batch: torch.Tensor, setting: dict, sidecars: dict):
-    """Teacher-forced lock-step decode of batch [B, L+1]: (log-probs [B, L, V], mean distinct).
-
-    One forward over the [B, L] inputs with every position's B tokens re-routed as one decode
-    step (`routing_hook(lockstep_batch=B)`): with causal attention this is what L lock-step
-    decode steps with a KV cache compute (tests/test_hf_moe.py checks it), L times faster.
-    """
+    """Teacher-forced lock-step decode of batch [B, L+1]: (log-probs [B, L, V], mean distinct),
+    as one causal forward (`sere.hf.lockstep.decode_forward`; tests/test_hf_moe.py checks that
+    it equals L lock-step decode steps with a KV cache)."""
     cfg = setting["cfg"]
-    tables = hook_tables(cfg, {matrix_kind(cfg): sidecars[setting["sidecar"]]}) if setting["sidecar"] else {}
-    with routing_hook(model, cfg, lockstep_batch=batch.shape[0], **tables) as record:
-        logits = model(input_ids=batch[:, :-1]).logits  # [B, L, V]
-    return logits.float().log_softmax(-1), record.mean_distinct()
+    tables = {matrix_kind(cfg): sidecars[setting["sidecar"]]} if setting["sidecar"] else {}
+    return decode_forward(model, batch, cfg, tables)
 
 
 def _interp(x: float, xs: list[float], ys: list[float]) -> float:
@@ -110,20 +118,41 @@ def _interp(x: float, xs: list[float], ys: list[float]) -> float:
     return pts[-1][1]
 
 
+def _frontier_gaps(per: dict, frontier: list[str], m: dict, change: list[float]) -> list[float]:
+    """Per batch: the point's ppl change minus the frontier's (labels `frontier`, topk included)
+    linearly interpolated at the point's distinct experts."""
+    base = per["topk"]
+    gaps = []
+    for k in range(len(base["nll"])):
+        xs = [per[f]["distinct"][k] for f in frontier]
+        ys = [math.exp(per[f]["nll"][k]) / math.exp(base["nll"][k]) - 1 for f in frontier]
+        gaps.append(change[k] - _interp(m["distinct"][k], xs, ys))
+    return gaps
+
+
+def _gap_fields(name: str, gaps: list[float]) -> dict:
+    """mean, std, standard error and wins (batches below the frontier) of per-batch gaps."""
+    n = len(gaps)
+    return {f"gap_to_{name}_frontier": statistics.fmean(gaps), f"gap_to_{name}_frontier_std": statistics.pstdev(gaps),
+            f"gap_to_{name}_frontier_se": statistics.stdev(gaps) / math.sqrt(n) if n > 1 else INF,
+            f"wins_vs_{name}_frontier": sum(g < 0 for g in gaps)}
+
+
 def summarise(per: dict, settings: list[dict], bs: int, seq_len: int) -> list[dict]:
     """Records for one batch size from per[label] = {'nll': [...], 'distinct': [...], ...}."""
     base = per["topk"]
     num_batches = len(base["nll"])
-    oea = [s["label"] for s in settings if s["cfg"].policy == "oea"] + ["topk"]
+    frontiers = {"oea": [s["label"] for s in settings if s["cfg"].policy == "oea"] + ["topk"],
+                 "xshare": [s["label"] for s in settings if s["cfg"].policy == "xshare"
+                            and s["cfg"].num_primary == 1] + ["topk"]}
     records = []
     for s in settings:
         m = per[s["label"]]
         change = [math.exp(n) / math.exp(b) - 1 for n, b in zip(m["nll"], base["nll"])]  # paired
-        gap = []  # ppl change minus OEA frontier's at the same distinct experts, per batch
-        for k in range(num_batches):
-            xs = [per[o]["distinct"][k] for o in oea]
-            ys = [math.exp(per[o]["nll"][k]) / math.exp(base["nll"][k]) - 1 for o in oea]
-            gap.append(change[k] - _interp(m["distinct"][k], xs, ys))
+        gaps = {}
+        for name, labels in frontiers.items():
+            if len(labels) > 1:
+                gaps.update(_gap_fields(name, _frontier_gaps(per, labels, m, change)))
         distinct = statistics.fmean(m["distinct"])
         records.append({
             **s["cfg"].model_dump(), "sidecar": s["sidecar"], "label": s["label"], "batch_size": bs,
@@ -132,9 +161,7 @@ def summarise(per: dict, settings: list[dict], bs: int, seq_len: int) -> list[di
             "distinct_fraction": distinct / statistics.fmean(base["distinct"]),
             "perplexity": math.exp(statistics.fmean(m["nll"])),
             "perplexity_change": statistics.fmean(change), "perplexity_change_std": statistics.pstdev(change),
-            "gap_to_oea_frontier": statistics.fmean(gap), "gap_to_oea_frontier_std": statistics.pstdev(gap),
-            "gap_to_oea_frontier_se": statistics.stdev(gap) / math.sqrt(num_batches) if num_batches > 1 else INF,
-            "wins_vs_oea_frontier": sum(g < 0 for g in gap),
+            **gaps,
             "agreement": statistics.fmean(m["agreement"]), "agreement_std": statistics.pstdev(m["agreement"]),
             "kl": statistics.fmean(m["kl"]),
             "per_batch": {"perplexity_change": change, "distinct": m["distinct"], "agreement": m["agreement"]},
@@ -142,48 +169,11 @@ def summarise(per: dict, settings: list[dict], bs: int, seq_len: int) -> list[di
     return records
 
 
-_SERIES = [  # (legend, colour, marker, which records)
-    ("topk", "k", "o", lambda r: r["policy"] == "topk"),
-    ("oea", "tab:blue", "^", lambda r: r["policy"] == "oea"),
-    ("sere (cosine)", "tab:orange", "s", lambda r: r["policy"] == "sere" and r["sidecar"] == "cosine"),
-    ("sere (frobenius)", "tab:orange", "s", lambda r: r["policy"] == "sere" and r["sidecar"] == "frobenius"),
-    ("sere-err", "tab:green", "D", lambda r: r["policy"] == "sere-err" and not r.get("refill")),
-    ("sere-err + refill", "tab:purple", "D",
-     lambda r: r["policy"] == "sere-err" and r.get("refill") and r.get("max_distinct") is None),
-    ("sere-err budget + refill", "tab:red", "v",
-     lambda r: r["policy"] == "sere-err" and r.get("refill") and r.get("max_distinct") is not None),
-]
-
-
-def plot(records: list[dict], path: str | Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    sizes = sorted({r["batch_size"] for r in records})
-    fig, axes = plt.subplots(1, len(sizes), figsize=(5 * len(sizes), 4.2), squeeze=False)
-    for ax, bs in zip(axes[0], sizes):
-        rows = [r for r in records if r["batch_size"] == bs]
-        for label, color, marker, pick in _SERIES:
-            pts = sorted((r for r in rows if pick(r)), key=lambda r: r["distinct_experts"])
-            if not pts:
-                continue
-            line = "-" if label in ("oea", "sere-err budget + refill") else ""
-            ax.errorbar([r["distinct_experts"] for r in pts], [100 * r["perplexity_change"] for r in pts],
-                        yerr=[100 * r["perplexity_change_std"] / math.sqrt(r["num_batches"]) for r in pts],
-                        fmt=marker + line, color=color, mfc=color if "frob" not in label else "none",
-                        label=label, capsize=2, ms=5)
-        ax.set_yscale("symlog", linthresh=1.0)
-        ax.set_title(f"batch {bs}")
-        ax.set_xlabel("distinct experts / layer / step")
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("ppl change vs topk (%), ± s.e. over batches")
-    axes[0][-1].legend(fontsize=7)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+def _title(meta: dict, records: list[dict]) -> str:
+    """The figure's title: model, shape, steps and the paired batches of each batch size."""
+    batches = ", ".join(f"{n} at B={bs}" for bs, n in sorted({(r["batch_size"], r["num_batches"]) for r in records}))
+    return (f"{Path(meta['model']).name}: E={meta['num_experts']} K={meta['top_k']}, L={meta['seq_len']} steps, "
+            f"paired batches: {batches}")
 
 
 def _repo_path(path) -> str:
@@ -195,7 +185,7 @@ def _repo_path(path) -> str:
 def _command(argv: list[str] | None) -> str:
     """The command line that made a results file, with repository-relative paths."""
     words = sys.argv[1:] if argv is None else argv
-    return " ".join(["python benchmarks/pareto.py"] + [_repo_path(w) if Path(w).exists() else w for w in words])
+    return shlex.join(["python", "benchmarks/pareto.py"] + [_repo_path(w) if Path(w).exists() else w for w in words])
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -209,7 +199,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--num-batches", type=int, default=32)
     parser.add_argument("--quantile", type=float, default=0.5, help="paper sere's per-layer rho quantile")
-    parser.add_argument("--only", nargs="+", help="labels to run (topk and oea always run)")
+    parser.add_argument("--only", nargs="+", help="labels to run (the peers topk, oea and xshare always run)")
+    parser.add_argument("--xshare", nargs="+", metavar="S:B",
+                        help="the xshare points instead of the default sweep: warm-up S, budget B (e.g. 1:12 1:20)")
     parser.add_argument("--budgets", nargs="+", metavar="S:D",
                         help="instead of the default sweep: topk, oea and sere-err with refill, base S and a "
                              "budget of D distinct experts for each S:D (e.g. 2:16 3:21)")
@@ -224,8 +216,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         meta = {**parts[0]["meta"], "wall_s": [p["meta"]["wall_s"] for p in parts],
                 "merged": [p["meta"].get("command", "") for p in parts], "command": _command(argv)}
         Path(args.json).write_text(json.dumps({"meta": meta, "records": records}, indent=1))
-        plot(records, args.png, f"{Path(meta['model']).name}: E={meta['num_experts']} K={meta['top_k']}, "
-                                f"L={meta['seq_len']} steps, {meta['num_batches']} paired batches per B")
+        plot_pareto(records, args.png, _title(meta, records))
         return records
     torch.set_num_threads(args.threads)
     model_dir = Path(args.model)
@@ -239,11 +230,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "error": load(args.error or model_dir / "sere_similarity.substitution_error.safetensors"),
     }
     settings = default_settings(args.quantile)
+    peers = ("topk", "oea", "xshare")
+    if args.xshare:
+        settings = [s for s in settings if s["cfg"].policy != "xshare"] + [
+            xshare_setting(*map(int, b.split(":"))) for b in args.xshare]
     if args.budgets:
-        settings = [s for s in settings if s["cfg"].policy in ("topk", "oea")] + [
+        settings = [s for s in settings if s["cfg"].policy in peers] + [
             budget_setting(*map(int, b.split(":"))) for b in args.budgets]
     if args.only:
-        settings = [s for s in settings if s["cfg"].policy in ("topk", "oea") or s["label"] in args.only]
+        settings = [s for s in settings if s["cfg"].policy in peers or s["label"] in args.only]
     token_ids = tokenize(tokenizer, args.text, 400_000)
     started = time.perf_counter()
     records = []
@@ -259,7 +254,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     logp, distinct = decode(model, batch, s, sidecars)
                     bar.update(bs * args.seq_len)
                     ref = logp if ref is None else ref
-                    for key, value in _batch_metrics(logp, ref, batch[:, 1:]).items():
+                    for key, value in batch_metrics(logp, ref, batch[:, 1:]).items():
                         per[s["label"]][key].append(value)
                     per[s["label"]]["distinct"].append(distinct)
             records += summarise(per, settings, bs, args.seq_len)
@@ -272,13 +267,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
             "wall_s": time.perf_counter() - started}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps({"meta": meta, "records": records}, indent=1))
-    plot(records, args.png, f"{model_dir.name}: E={meta['num_experts']} K={meta['top_k']}, L={args.seq_len} steps, "
-                            f"{args.num_batches} paired batches per B")
+    plot_pareto(records, args.png, _title(meta, records))
     for r in records:
         log(f"B={r['batch_size']:>3} {r['label']:<34} distinct {r['distinct_experts']:6.2f} "
             f"({100 * r['distinct_fraction']:5.1f}%) dppl {100 * r['perplexity_change']:+7.2f}% "
             f"±{100 * r['perplexity_change_std']:.2f} gapOEA {100 * r['gap_to_oea_frontier']:+6.2f}% "
-            f"±{100 * r['gap_to_oea_frontier_se']:.2f}(se) wins {r['wins_vs_oea_frontier']}/{r['num_batches']} agree {r['agreement']:.3f}")
+            f"±{100 * r['gap_to_oea_frontier_se']:.2f}(se) wins {r['wins_vs_oea_frontier']}/{r['num_batches']} "
+            + (f"gapXShare {100 * r['gap_to_xshare_frontier']:+6.2f}% ±{100 * r['gap_to_xshare_frontier_se']:.2f}(se) "
+               if "gap_to_xshare_frontier" in r else "") + f"agree {r['agreement']:.3f}")
     return records
 
 

@@ -24,7 +24,7 @@ for name in reroute_cuda reroute_err_cuda oea_cuda; do
 done
 # Each header the kernels include stands on its own, toolkit only (reroute_common.cuh and
 # fill_cuda.cuh are shared by the kernels; the launcher headers are also included by the torch glue).
-for header in reroute_common reroute_cuda reroute_err_cuda oea_cuda fill_cuda; do
+for header in reroute_common reroute_cuda reroute_err_cuda oea_cuda fill_cuda err_budget; do
   printf '#include "%s.cuh"\n' "${header}" > "${out_dir}/${header}_alone.cu"
   "${nvcc_bin}" -std=c++17 -Werror all-warnings -arch=sm_90 -I"${here}" \
     -c "${out_dir}/${header}_alone.cu" -o "${out_dir}/${header}_alone.o"

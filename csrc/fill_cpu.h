@@ -1,6 +1,6 @@
 // The fill step shared by the CPU kernels of sere::oea (oea_cpu.cpp) and of sere::reroute_err's
-// refill (reroute_err_cpu.cpp): for one token, the loaded experts it has not chosen yet, best
-// router score first (sere.reference.oea_reference / refill_dropped).
+// refill (reroute_err_cpu.cpp, refill_token below): for one token, the loaded experts it has not
+// chosen yet, best router score first (sere.reference.oea_reference / refill_dropped).
 //
 // Shape legend: T tokens, K top-k slots, S = num_primary, E experts.
 //
@@ -103,6 +103,41 @@ inline int64_t pick_fill_candidates(
 inline float clamp_min_tiny(float x) {
   constexpr float kTiny = 1e-20f;
   return x < kTiny ? kTiny : x;
+}
+
+// Refill of token t (sere.reference.refill_dropped): its j-th live dropped slot takes the j-th
+// loaded expert that its new ids do not hold yet, best router score first, with weight
+// score x (sum of its top-k weights / sum of their scores); a slot without one stays dropped.
+template <typename IdT, typename WeightT>
+void refill_token(
+    const IdT* topk_ids,                  // [T, K]
+    const WeightT* topk_weights,          // [T, K]
+    const ScoreRows& scores,              // [T, E]
+    const std::vector<int32_t>& loaded_ids,
+    const std::vector<int64_t>& live_drops,  // slots s of token t, ascending
+    int64_t t,
+    int64_t top_k,
+    IdT* new_ids,                         // [T, K]
+    WeightT* new_weights,                 // [T, K]
+    std::vector<int64_t>& excluded,       // [E] scratch
+    std::vector<FillPick>& picks) {       // [K] scratch
+  const int64_t row = t * top_k;
+  float weight_sum = 0.0f;
+  float score_sum = 0.0f;
+  for (int64_t s = 0; s < top_k; ++s) {
+    excluded[new_ids[row + s]] = t;
+    weight_sum += static_cast<float>(topk_weights[row + s]);
+    score_sum += scores.at(t, topk_ids[row + s]);
+  }
+  const float scale = weight_sum / clamp_min_tiny(score_sum);  // weight per unit of router score
+  const int64_t count = static_cast<int64_t>(live_drops.size());
+  const int64_t num_picks = pick_fill_candidates(scores, t, loaded_ids, excluded, t, count, picks.data());
+  for (int64_t j = 0; j < num_picks; ++j) {
+    if (picks[j].fills()) {
+      new_ids[row + live_drops[j]] = static_cast<IdT>(picks[j].id);
+      new_weights[row + live_drops[j]] = static_cast<WeightT>(picks[j].score * scale);
+    }
+  }
 }
 
 }  // namespace sere

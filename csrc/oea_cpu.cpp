@@ -18,59 +18,72 @@
 #include <vector>
 
 #include "fill_cpu.h"
-#include "reroute_checks.h"
+#include "op_entry.h"
 #include "reroute_cpu_common.h"
 #include "reroute_dispatch.h"
 
 namespace sere {
 namespace {
 
+// Token t's K - S filled slots (ids into out, router scores into raw[S..K)); returns how many
+// were left unfilled (the slot-0 expert, score 0).
+template <typename IdT>
+int64_t fill_token(
+    const IdT* row,                  // [K] the token's ids
+    const ScoreRows& scores,         // [T, E]
+    const std::vector<int32_t>& primary_ids,
+    int64_t t,
+    const SlotDims& dims,
+    std::vector<int64_t>& excluded,  // [E] == t: among token t's primaries
+    std::vector<FillPick>& picks,    // [K - S] scratch
+    IdT* out,                        // [K]
+    float* raw) {                    // [K]
+  for (int64_t s = 0; s < dims.num_primary; ++s) {
+    out[s] = row[s];
+    raw[s] = scores.at(t, row[s]);
+    excluded[row[s]] = t;
+  }
+  const int64_t width = dims.top_k - dims.num_primary;
+  const int64_t num_picks = pick_fill_candidates(scores, t, primary_ids, excluded, t, width, picks.data());
+  int64_t unfilled = 0;
+  for (int64_t j = 0; j < width; ++j) {
+    const int64_t s = dims.num_primary + j;
+    const bool fills = j < num_picks && picks[j].fills();
+    out[s] = fills ? static_cast<IdT>(picks[j].id) : row[0];  // unfilled: slot 0 with weight 0
+    raw[s] = fills ? picks[j].score : 0.0f;
+    unfilled += !fills;
+  }
+  return unfilled;
+}
+
 template <typename IdT, typename WeightT>
 void oea_kernel(
+    const SlotDims& dims,
     const IdT* topk_ids,          // [T, K]
     const WeightT* topk_weights,  // [T, K]
     const ScoreRows& scores,      // [T, E]
     const bool* primary,          // [E] or nullptr
     IdT* new_ids,                 // [T, K]
     WeightT* new_weights,         // [T, K]
-    int64_t num_tokens,
-    int64_t top_k,
-    int64_t num_primary,
-    int64_t num_experts,
     int64_t* stats) {             // [6]
-  check_ids_in_range(topk_ids, num_tokens * top_k, top_k, num_experts);
-  std::vector<uint8_t> flags(num_experts, 0);  // [E]
-  const std::vector<int32_t> primary_ids =  // P in ascending id order
-      mark_before_and_primary(topk_ids, primary, num_tokens, top_k, num_primary, num_experts, flags);
+  check_ids_in_range(topk_ids, dims);
+  std::vector<uint8_t> flags(dims.num_experts, 0);  // [E]
+  const std::vector<int32_t> primary_ids = mark_before_and_primary(topk_ids, primary, dims, flags);  // P ascending
 
-  const int64_t width = top_k - num_primary;  // K - S slots to fill per token
-  std::vector<FillPick> picks(width);
-  std::vector<float> raw(top_k);              // [K] the token's new scores before rescaling
-  std::vector<int64_t> excluded(num_experts, -1);  // [E] == t: among token t's primaries
+  const int64_t top_k = dims.top_k;
+  std::vector<FillPick> picks(top_k - dims.num_primary);
+  std::vector<float> raw(top_k);                        // [K] the token's new scores before rescaling
+  std::vector<int64_t> excluded(dims.num_experts, -1);  // [E] == t: among token t's primaries
   int64_t rerouted_slots = 0;
   int64_t dropped_slots = 0;
-  for (int64_t t = 0; t < num_tokens; ++t) {
-    const IdT* row = topk_ids + t * top_k;   // [K]
-    IdT* out = new_ids + t * top_k;          // [K]
+  for (int64_t t = 0; t < dims.num_tokens; ++t) {
+    const IdT* row = topk_ids + t * top_k;  // [K]
+    IdT* out = new_ids + t * top_k;         // [K]
+    dropped_slots += fill_token(row, scores, primary_ids, t, dims, excluded, picks, out, raw.data());
     float weight_sum = 0.0f;
-    for (int64_t s = 0; s < top_k; ++s) {
-      weight_sum += static_cast<float>(topk_weights[t * top_k + s]);
-    }
-    for (int64_t s = 0; s < num_primary; ++s) {
-      out[s] = row[s];
-      raw[s] = scores.at(t, row[s]);
-      excluded[row[s]] = t;
-    }
-    const int64_t num_picks = pick_fill_candidates(scores, t, primary_ids, excluded, t, width, picks.data());
-    for (int64_t j = 0; j < width; ++j) {
-      const int64_t s = num_primary + j;
-      const bool fills = j < num_picks && picks[j].fills();
-      out[s] = fills ? static_cast<IdT>(picks[j].id) : row[0];  // unfilled: slot 0 with weight 0
-      raw[s] = fills ? picks[j].score : 0.0f;
-      dropped_slots += !fills;
-    }
     float raw_sum = 0.0f;
     for (int64_t s = 0; s < top_k; ++s) {
+      weight_sum += static_cast<float>(topk_weights[t * top_k + s]);
       raw_sum += raw[s];
       rerouted_slots += out[s] != row[s];
       flags[out[s]] |= kSeenAfter;
@@ -88,25 +101,19 @@ void oea_kernel(
   stats[5] = dropped_slots;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> oea_cpu(
-    const at::Tensor& topk_ids,
-    const at::Tensor& topk_weights,
-    const at::Tensor& router_scores,
-    int64_t num_primary,
-    const std::optional<at::Tensor>& primary) {
-  check_oea_args(topk_ids, topk_weights, router_scores, num_primary, primary);
-  at::Tensor new_ids = at::empty(topk_ids.sizes(), topk_ids.options());              // [T, K]
-  at::Tensor new_weights = at::empty(topk_weights.sizes(), topk_weights.options());  // [T, K]
-  at::Tensor stats = at::empty({kNumOeaStats}, topk_ids.options().dtype(at::kLong));  // [6]
-  const ScoreRows scores = score_rows(router_scores);
-  dispatch_ids(topk_ids, [&](auto id_tag) {
-    dispatch_float(topk_weights, "topk_weights", [&](auto weight_tag) {
+IdsWeightsAndStats oea_cpu(const OeaCall& call) {
+  at::Tensor new_ids, new_weights, stats;  // [T, K], [T, K], [6]
+  std::tie(new_ids, new_weights, stats) = empty_weighted_outputs(call.topk_ids, call.topk_weights);
+  const SlotDims dims = slot_dims(call.topk_ids, call.num_primary, call.num_experts());
+  const ScoreRows scores = score_rows(call.router_scores);
+  dispatch_ids(call.topk_ids, [&](auto id_tag) {
+    dispatch_float(call.topk_weights, "topk_weights", [&](auto weight_tag) {
       using IdT = decltype(id_tag);
       using WeightT = decltype(weight_tag);
       oea_kernel<IdT, WeightT>(
-          topk_ids.data_ptr<IdT>(), topk_weights.data_ptr<WeightT>(), scores, primary_data(primary),
-          new_ids.data_ptr<IdT>(), new_weights.data_ptr<WeightT>(), topk_ids.size(0), topk_ids.size(1),
-          num_primary, router_scores.size(1), stats.data_ptr<int64_t>());
+          dims, call.topk_ids.data_ptr<IdT>(), call.topk_weights.data_ptr<WeightT>(), scores,
+          primary_data(call.primary), new_ids.data_ptr<IdT>(), new_weights.data_ptr<WeightT>(),
+          stats.data_ptr<int64_t>());
     });
   });
   return {new_ids, new_weights, stats};
@@ -115,7 +122,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> oea_cpu(
 }  // namespace
 
 TORCH_LIBRARY_IMPL(sere, CPU, m) {
-  m.impl("oea", &oea_cpu);
+  m.impl("oea", &oea_entry<oea_cpu>);
 }
 
 }  // namespace sere

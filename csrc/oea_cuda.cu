@@ -22,15 +22,6 @@ namespace {
 constexpr int kThreads = 1024;
 constexpr int kStats = 6;  // sere.ops.ERR_STAT_FIELDS
 
-template <typename T>
-__device__ __forceinline__ T weight_from_float(float x);
-template <>
-__device__ __forceinline__ float weight_from_float<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ __half weight_from_float<__half>(float x) { return __float2half_rn(x); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 weight_from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
-
 // Token t's K ids and weights, by lane 0 of its warp once the picks are written: a secondary
 // slot holding the slot-0 expert was not filled (a pick never repeats one of the S primaries).
 // Adds the token's rerouted and unfilled slots to counts[0], counts[1].
@@ -63,7 +54,7 @@ __device__ void write_token(
   const float scale = __fdiv_rn(weight_sum, clamp_min_tiny(raw_sum));
   for (int s = 0; s < top_k; ++s) {
     const IdT e = new_ids[row + s];
-    new_weights[row + s] = weight_from_float<WeightT>(__fmul_rn(raw_of(s), scale));
+    new_weights[row + s] = from_float<WeightT>(__fmul_rn(raw_of(s), scale));
     counts[0] += e != topk_ids[row + s];
     counts[1] += s >= num_primary && e == head;
     if (valid_id(e, num_experts)) {

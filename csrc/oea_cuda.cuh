@@ -20,20 +20,10 @@
 
 namespace sere {
 
-// Arguments of launch_oea, device pointers and sizes.
+// Arguments of launch_oea; stats: [6] sere.ops.ERR_STAT_FIELDS order (critical_slots 0).
 template <typename IdT, typename WeightT>
-struct OeaArgs {
-  const IdT* topk_ids;          // [T, K], IdT = int32_t or int64_t, contiguous
-  const WeightT* topk_weights;  // [T, K], WeightT = float, __half or __nv_bfloat16, contiguous
-  ScoreView router_scores;      // [T, E], contiguous
-  const bool* primary;          // [E], or nullptr: P from the first S slots of topk_ids
-  IdT* new_ids;                 // [T, K], contiguous, a buffer distinct from topk_ids
-  WeightT* new_weights;         // [T, K], contiguous, a buffer distinct from topk_weights
-  int64_t* stats;               // [6] sere.ops.ERR_STAT_FIELDS order (critical_slots 0)
-  int64_t num_tokens;
-  int top_k;
-  int num_primary;
-  int num_experts;
+struct OeaArgs : WeightedSlotArgs<IdT, WeightT> {
+  ScoreView router_scores;  // [T, E], contiguous
 };
 
 // OEA: ids exactly like the reference, weights up to float32 rounding of the per-token sums.

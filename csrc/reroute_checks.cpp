@@ -104,61 +104,42 @@ void check_topk_weights(const at::Tensor& topk_weights, const at::Tensor& topk_i
 
 }  // namespace
 
-void check_reroute_args(
-    const at::Tensor& topk_ids,
-    const at::Tensor& similarity,
-    int64_t num_primary,
-    double threshold,
-    const std::optional<at::Tensor>& primary) {
-  check_topk_ids(topk_ids, num_primary);
-  check_expert_matrix(similarity, "similarity", topk_ids);
-  TORCH_CHECK_VALUE(threshold >= 0.0 && threshold <= 1.0, "threshold must be in [0, 1], got ", threshold);
-  check_primary(primary, topk_ids, similarity.size(0));
-}
-
-void check_reroute_err_args(
-    const at::Tensor& topk_ids,
-    const at::Tensor& topk_weights,
-    const at::Tensor& error,
-    int64_t num_primary,
-    double tolerance,
-    double keep_cost,
-    const std::optional<at::Tensor>& primary) {
-  check_topk_ids(topk_ids, num_primary);
-  check_topk_weights(topk_weights, topk_ids);
-  check_expert_matrix(error, "error", topk_ids);
-  TORCH_CHECK_VALUE(tolerance > 0.0 && tolerance <= 1.0, "tolerance must be in (0, 1], got ", tolerance);
-  // NaN fails this check too; +inf (never keep) passes.
-  TORCH_CHECK_VALUE(keep_cost >= 0.0, "keep_cost must be >= 0 (inf: never keep), got ", keep_cost);
-  check_primary(primary, topk_ids, error.size(0));
-}
-
-void check_oea_args(
-    const at::Tensor& topk_ids,
-    const at::Tensor& topk_weights,
-    const at::Tensor& router_scores,
-    int64_t num_primary,
-    const std::optional<at::Tensor>& primary) {
-  check_topk_ids(topk_ids, num_primary);
-  check_topk_weights(topk_weights, topk_ids);
+void check_args(const RerouteCall& call) {
+  check_topk_ids(call.topk_ids, call.num_primary);
+  check_expert_matrix(call.similarity, "similarity", call.topk_ids);
   TORCH_CHECK_VALUE(
-      router_scores.dim() == 2 && router_scores.size(1) >= 1,
-      "router_scores must be 2-D [num_tokens, num_experts] with num_experts >= 1, got shape ",
-      router_scores.sizes());
-  check_scores(router_scores, topk_ids, router_scores.size(1));
-  check_primary(primary, topk_ids, router_scores.size(1));
+      call.threshold >= 0.0 && call.threshold <= 1.0, "threshold must be in [0, 1], got ", call.threshold);
+  check_primary(call.primary, call.topk_ids, call.num_experts());
 }
 
-void check_refill_scores(
-    const std::optional<at::Tensor>& router_scores, const at::Tensor& topk_ids, int64_t num_experts) {
-  if (router_scores.has_value()) {
-    check_scores(*router_scores, topk_ids, num_experts);
+void check_args(const RerouteErrCall& call) {
+  check_topk_ids(call.topk_ids, call.num_primary);
+  check_topk_weights(call.topk_weights, call.topk_ids);
+  check_expert_matrix(call.error, "error", call.topk_ids);
+  TORCH_CHECK_VALUE(
+      call.tolerance > 0.0 && call.tolerance <= 1.0, "tolerance must be in (0, 1], got ", call.tolerance);
+  // NaN fails this check too; +inf (never keep) passes.
+  TORCH_CHECK_VALUE(call.keep_cost >= 0.0, "keep_cost must be >= 0 (inf: never keep), got ", call.keep_cost);
+  check_primary(call.primary, call.topk_ids, call.num_experts());
+  if (call.router_scores.has_value()) {
+    check_scores(*call.router_scores, call.topk_ids, call.num_experts());
   }
 }
 
-void check_primary_mask_args(const at::Tensor& topk_ids, int64_t num_experts, int64_t num_primary) {
-  check_topk_ids(topk_ids, num_primary);
-  TORCH_CHECK_VALUE(num_experts >= 1, "num_experts must be >= 1, got ", num_experts);
+void check_args(const OeaCall& call) {
+  check_topk_ids(call.topk_ids, call.num_primary);
+  check_topk_weights(call.topk_weights, call.topk_ids);
+  TORCH_CHECK_VALUE(
+      call.router_scores.dim() == 2 && call.router_scores.size(1) >= 1,
+      "router_scores must be 2-D [num_tokens, num_experts] with num_experts >= 1, got shape ",
+      call.router_scores.sizes());
+  check_scores(call.router_scores, call.topk_ids, call.num_experts());
+  check_primary(call.primary, call.topk_ids, call.num_experts());
+}
+
+void check_args(const PrimaryMaskCall& call) {
+  check_topk_ids(call.topk_ids, call.num_primary);
+  TORCH_CHECK_VALUE(call.num_experts >= 1, "num_experts must be >= 1, got ", call.num_experts);
 }
 
 }  // namespace sere

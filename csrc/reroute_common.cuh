@@ -10,6 +10,8 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <math.h>
+
 #include <cstdint>
 
 namespace sere {
@@ -20,6 +22,16 @@ constexpr unsigned kFullMask = 0xffffffffu;
 __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
 __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+// A float32 value stored as T, rounded to nearest.
+template <typename T>
+__device__ __forceinline__ T from_float(float x);
+template <>
+__device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
 __device__ __forceinline__ unsigned warp_sum(unsigned value) {
   for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
@@ -45,6 +57,33 @@ __device__ __forceinline__ void warp_best(float& best, int& best_id) {
       best_id = other_id;
     }
   }
+}
+
+// The best entry of `row` over P, by one whole warp (call warp-uniformly): the largest value
+// (kLargest) or the smallest, ties to the lowest id, in every lane; best_id = num_experts when
+// P is empty or no entry compares. Returns, in every lane, whether an entry to P is NaN.
+template <bool kLargest, typename T>
+__device__ __forceinline__ bool warp_best_over_primary(
+    const T* __restrict__ row,        // [E]
+    const unsigned char* in_primary,  // [E]
+    int num_experts,
+    float& best,
+    int& best_id) {
+  best = kLargest ? -INFINITY : INFINITY;
+  best_id = num_experts;  // none yet
+  bool saw_nan = false;
+  for (int p = threadIdx.x % kWarpSize; p < num_experts; p += kWarpSize) {  // ascending: strict keeps the lowest id
+    if (in_primary[p]) {
+      const float value = to_float(row[p]);
+      saw_nan |= isnan(value);
+      if (kLargest ? value > best : value < best) {  // never true for NaN
+        best = value;
+        best_id = p;
+      }
+    }
+  }
+  warp_best<kLargest>(best, best_id);
+  return __any_sync(kFullMask, saw_nan);
 }
 
 // totals[j] += the block's sum of counts[j], in order: warp sums, then one atomicAdd per warp.

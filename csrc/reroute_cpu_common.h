@@ -1,15 +1,29 @@
-// Bookkeeping shared by the CPU kernels (reroute_cpu.cpp, reroute_err_cpu.cpp): the id range
-// check, the per-expert flags and the first pass that builds P.
+// Bookkeeping shared by the CPU kernels (reroute_cpu.cpp, reroute_err_cpu.cpp, oea_cpu.cpp): the
+// sizes, the id range check, the per-expert flags and the first pass that builds P.
 //
 // Shape legend: T tokens, K top-k slots, S = num_primary, E experts.
 #pragma once
 
+#include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
 #include <cstdint>
 #include <vector>
 
 namespace sere {
+
+// The sizes every CPU kernel loops over.
+struct SlotDims {
+  int64_t num_tokens;   // T
+  int64_t top_k;        // K
+  int64_t num_primary;  // S
+  int64_t num_experts;  // E
+  int64_t num_slots() const { return num_tokens * top_k; }
+};
+
+inline SlotDims slot_dims(const at::Tensor& topk_ids, int64_t num_primary, int64_t num_experts) {
+  return {topk_ids.size(0), topk_ids.size(1), num_primary, num_experts};
+}
 
 // Per-expert flags, one byte each; a kernel may add its own bits above kSeenAfter.
 constexpr uint8_t kInPrimary = 1;
@@ -18,12 +32,12 @@ constexpr uint8_t kSeenAfter = 4;
 constexpr int32_t kUnknown = -1;
 
 template <typename IdT>
-void check_ids_in_range(const IdT* ids, int64_t num_slots, int64_t top_k, int64_t num_experts) {
-  for (int64_t i = 0; i < num_slots; ++i) {
+void check_ids_in_range(const IdT* ids, const SlotDims& dims) {  // [T, K]
+  for (int64_t i = 0; i < dims.num_slots(); ++i) {
     const int64_t e = static_cast<int64_t>(ids[i]);
     TORCH_CHECK_VALUE(
-        e >= 0 && e < num_experts, "topk_ids[", i / top_k, ", ", i % top_k, "] = ", e,
-        " is outside [0, num_experts=", num_experts, ")");
+        e >= 0 && e < dims.num_experts, "topk_ids[", i / dims.top_k, ", ", i % dims.top_k, "] = ", e,
+        " is outside [0, num_experts=", dims.num_experts, ")");
   }
 }
 
@@ -34,29 +48,25 @@ template <typename IdT>
 std::vector<int32_t> mark_before_and_primary(
     const IdT* topk_ids,  // [T, K]
     const bool* primary,  // [E] or nullptr
-    int64_t num_tokens,
-    int64_t top_k,
-    int64_t num_primary,
-    int64_t num_experts,
+    const SlotDims& dims,
     std::vector<uint8_t>& flags) {  // [E]
-  const int64_t num_slots = num_tokens * top_k;
-  for (int64_t i = 0; i < num_slots; ++i) {
+  for (int64_t i = 0; i < dims.num_slots(); ++i) {
     flags[topk_ids[i]] |= kSeenBefore;
   }
   if (primary != nullptr) {
-    for (int64_t e = 0; e < num_experts; ++e) {
+    for (int64_t e = 0; e < dims.num_experts; ++e) {
       flags[e] |= primary[e] ? kInPrimary : 0;
     }
   } else {
-    for (int64_t t = 0; t < num_tokens; ++t) {
-      for (int64_t s = 0; s < num_primary; ++s) {
-        flags[topk_ids[t * top_k + s]] |= kInPrimary;
+    for (int64_t t = 0; t < dims.num_tokens; ++t) {
+      for (int64_t s = 0; s < dims.num_primary; ++s) {
+        flags[topk_ids[t * dims.top_k + s]] |= kInPrimary;
       }
     }
   }
   std::vector<int32_t> primary_ids;  // P in ascending id order
-  primary_ids.reserve(num_experts);
-  for (int64_t e = 0; e < num_experts; ++e) {
+  primary_ids.reserve(dims.num_experts);
+  for (int64_t e = 0; e < dims.num_experts; ++e) {
     if (flags[e] & kInPrimary) {
       primary_ids.push_back(static_cast<int32_t>(e));
     }

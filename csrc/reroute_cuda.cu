@@ -29,32 +29,13 @@ constexpr size_t kWorkspaceHeader = 32;  // 2 x u64 counters, u32 ticket, paddin
 // p* = argmax_{p in P} sim[e, p] with ties to the lowest id, or e itself (kept) when P is empty,
 // when the maximum is -inf or NaN (a NaN entry to P makes the reference's max NaN: warp vote),
 // or when use_threshold and sim[e, p*] < threshold.
-template <typename SimT>
-__device__ int nearest_primary_warp(
-    const SimT* __restrict__ similarity,  // [E, E]
-    const unsigned char* in_primary,      // [E]
-    int e,
-    int num_experts,
-    bool use_threshold,
-    float threshold) {
-  const int lane = threadIdx.x % kWarpSize;
-  const SimT* row = similarity + static_cast<int64_t>(e) * num_experts;  // [E]
-  float best = -INFINITY;
-  int best_id = num_experts;  // none yet
-  bool saw_nan = false;
-  for (int p = lane; p < num_experts; p += kWarpSize) {  // ascending: strict > keeps the lowest id
-    if (in_primary[p]) {
-      const float value = to_float(row[p]);
-      saw_nan |= isnan(value);
-      if (value > best) {
-        best = value;
-        best_id = p;
-      }
-    }
-  }
-  warp_best</*kLargest=*/true>(best, best_id);
-  saw_nan = __any_sync(kFullMask, saw_nan);
-  if (saw_nan || best_id == num_experts || (use_threshold && best < threshold)) {
+template <typename IdT, typename SimT>
+__device__ int nearest_primary_warp(const RerouteArgs<IdT, SimT>& args, const unsigned char* in_primary, int e) {
+  float best;
+  int best_id;
+  const bool saw_nan = warp_best_over_primary</*kLargest=*/true>(
+      args.similarity + static_cast<int64_t>(e) * args.num_experts, in_primary, args.num_experts, best, best_id);
+  if (saw_nan || best_id == args.num_experts || (args.use_threshold && best < args.threshold)) {
     return e;  // nothing loaded or comparable, or a critical expert: kept
   }
   return best_id;
@@ -87,28 +68,26 @@ Workspace carve_workspace(void* base, int num_experts) {
 // nowhere. Adds the block's rerouted and critical slots to counts[0], counts[1].
 template <typename IdT>
 __device__ __forceinline__ void rewrite_slots(
-    const IdT* __restrict__ topk_ids,  // [T, K]
-    IdT* __restrict__ new_ids,         // [T, K]
+    const SlotArgs<IdT>& args,
     int64_t first,
     int64_t end,
-    int top_k,
-    int num_primary,
-    int num_experts,
     const int* target,                 // [E]
     const unsigned char* in_primary,   // [E]
     unsigned char* before,             // [E] or nullptr
     unsigned char* after,              // [E]
     unsigned long long* counts) {      // [2]
+  const IdT* __restrict__ topk_ids = args.topk_ids;  // [T, K]
+  IdT* __restrict__ new_ids = args.new_ids;          // [T, K]
   unsigned rerouted = 0;
   unsigned critical = 0;
   for (int64_t i = first; i < end; i += blockDim.x) {
     const IdT e = topk_ids[i];
     IdT new_e = e;
-    if (valid_id(e, num_experts)) {
+    if (valid_id(e, args.num_experts)) {
       if (before != nullptr) {
         before[e] = 1;
       }
-      if (i % top_k >= num_primary && !in_primary[e]) {
+      if (i % args.top_k >= args.num_primary && !in_primary[e]) {
         new_e = static_cast<IdT>(target[e]);
         rerouted += new_e != e;
         critical += new_e == e;
@@ -122,35 +101,22 @@ __device__ __forceinline__ void rewrite_slots(
 
 // P from the primary slots: flags[e] = 1 for every valid id e in a slot < S.
 template <typename IdT, typename FlagT>
-__device__ __forceinline__ void mark_primary_slots(
-    const IdT* __restrict__ topk_ids,  // [T, K]
-    int64_t num_tokens,
-    int top_k,
-    int num_primary,
-    int num_experts,
-    FlagT* flags) {                    // [E]
-  const int64_t num_primary_slots = num_tokens * num_primary;
+__device__ __forceinline__ void mark_primary_slots(const SlotArgs<IdT>& args, FlagT* flags) {  // [E]
+  const int num_primary = args.num_primary;
+  const int64_t num_primary_slots = args.num_tokens * num_primary;
   for (int64_t j = threadIdx.x; j < num_primary_slots; j += blockDim.x) {
-    const IdT e = topk_ids[(j / num_primary) * top_k + j % num_primary];
-    if (valid_id(e, num_experts)) {
+    const IdT e = args.topk_ids[(j / num_primary) * args.top_k + j % num_primary];
+    if (valid_id(e, args.num_experts)) {
       flags[e] = 1;
     }
   }
 }
 
 template <typename IdT, typename SimT>
-__global__ void __launch_bounds__(kSingleBlockThreads) single_block_kernel(
-    const IdT* __restrict__ topk_ids,     // [T, K]
-    IdT* __restrict__ new_ids,            // [T, K]
-    const SimT* __restrict__ similarity,  // [E, E]
-    const bool* __restrict__ primary,     // [E] or nullptr
-    int64_t num_tokens,
-    int top_k,
-    int num_primary,
-    int num_experts,
-    bool use_threshold,
-    float threshold,
-    int64_t* __restrict__ stats) {        // [5]
+__global__ void __launch_bounds__(kSingleBlockThreads) single_block_kernel(RerouteArgs<IdT, SimT> args) {
+  const int num_experts = args.num_experts;
+  const int top_k = args.top_k;
+  const bool* primary = args.primary;  // [E] or nullptr
   extern __shared__ __align__(16) unsigned char smem[];
   int* target = reinterpret_cast<int*>(smem);                      // [E]
   unsigned char* in_primary = smem + sizeof(int) * num_experts;    // [E]
@@ -160,7 +126,7 @@ __global__ void __launch_bounds__(kSingleBlockThreads) single_block_kernel(
   __shared__ unsigned long long totals[5];                         // STAT_FIELDS order
 
   const int tid = threadIdx.x;
-  const int64_t num_slots = num_tokens * top_k;
+  const int64_t num_slots = args.num_tokens * top_k;
   for (int e = tid; e < num_experts; e += blockDim.x) {
     in_primary[e] = primary != nullptr ? primary[e] : 0;
     before[e] = 0;
@@ -172,14 +138,14 @@ __global__ void __launch_bounds__(kSingleBlockThreads) single_block_kernel(
   }
   __syncthreads();
 
-  mark_slots(topk_ids, primary, num_slots, top_k, num_primary, num_experts, in_primary, before, needed);
+  mark_slots(args.topk_ids, primary, num_slots, top_k, args.num_primary, num_experts, in_primary, before, needed);
   __syncthreads();
 
   const int warp = tid / kWarpSize;
   const int num_warps = blockDim.x / kWarpSize;
   for (int e = warp; e < num_experts; e += num_warps) {
     if (needed[e] && !in_primary[e]) {  // warp-uniform
-      const int new_e = nearest_primary_warp(similarity, in_primary, e, num_experts, use_threshold, threshold);
+      const int new_e = nearest_primary_warp(args, in_primary, e);
       if (tid % kWarpSize == 0) {
         target[e] = new_e;
       }
@@ -188,30 +154,21 @@ __global__ void __launch_bounds__(kSingleBlockThreads) single_block_kernel(
   __syncthreads();
 
   // before was marked by the first pass
-  rewrite_slots(topk_ids, new_ids, tid, num_slots, top_k, num_primary, num_experts, target, in_primary,
-                nullptr, after, &totals[3]);
+  rewrite_slots(args, tid, num_slots, target, in_primary, nullptr, after, &totals[3]);
   __syncthreads();
 
   add_distinct_counts(before, after, in_primary, num_experts, totals);
   __syncthreads();
   if (tid < 5) {
-    stats[tid] = static_cast<int64_t>(totals[tid]);
+    args.stats[tid] = static_cast<int64_t>(totals[tid]);
   }
 }
 
 // One block: P from the primary slots, the target of every expert, a zeroed workspace.
 template <typename IdT, typename SimT>
-__global__ void __launch_bounds__(kPrepareThreads) prepare_kernel(
-    const IdT* __restrict__ topk_ids,     // [T, K]
-    const SimT* __restrict__ similarity,  // [E, E]
-    const bool* __restrict__ primary,     // [E] or nullptr
-    int64_t num_tokens,
-    int top_k,
-    int num_primary,
-    int num_experts,
-    bool use_threshold,
-    float threshold,
-    Workspace ws) {
+__global__ void __launch_bounds__(kPrepareThreads) prepare_kernel(RerouteArgs<IdT, SimT> args, Workspace ws) {
+  const int num_experts = args.num_experts;
+  const bool* primary = args.primary;  // [E] or nullptr
   extern __shared__ __align__(16) unsigned char in_primary[];  // [E]
   const int tid = threadIdx.x;
   for (int e = tid; e < num_experts; e += blockDim.x) {
@@ -226,7 +183,7 @@ __global__ void __launch_bounds__(kPrepareThreads) prepare_kernel(
   }
   __syncthreads();
   if (primary == nullptr) {
-    mark_primary_slots(topk_ids, num_tokens, top_k, num_primary, num_experts, in_primary);
+    mark_primary_slots(args, in_primary);
   }
   __syncthreads();
   const int warp = tid / kWarpSize;
@@ -235,7 +192,7 @@ __global__ void __launch_bounds__(kPrepareThreads) prepare_kernel(
     const bool is_primary = in_primary[e] != 0;  // warp-uniform
     const int new_e = is_primary
         ? e
-        : nearest_primary_warp(similarity, in_primary, e, num_experts, use_threshold, threshold);
+        : nearest_primary_warp(args, in_primary, e);
     if (tid % kWarpSize == 0) {
       ws.target[e] = new_e;
       ws.in_primary[e] = is_primary;
@@ -245,15 +202,8 @@ __global__ void __launch_bounds__(kPrepareThreads) prepare_kernel(
 
 // A grid over the slots; the last block to finish writes the statistics.
 template <typename IdT>
-__global__ void __launch_bounds__(kSlotThreads) slot_kernel(
-    const IdT* __restrict__ topk_ids,  // [T, K]
-    IdT* __restrict__ new_ids,         // [T, K]
-    int64_t num_tokens,
-    int top_k,
-    int num_primary,
-    int num_experts,
-    Workspace ws,
-    int64_t* __restrict__ stats) {     // [5]
+__global__ void __launch_bounds__(kSlotThreads) slot_kernel(SlotArgs<IdT> args, Workspace ws) {
+  const int num_experts = args.num_experts;
   extern __shared__ __align__(16) unsigned char smem[];
   int* target = reinterpret_cast<int*>(smem);                    // [E]
   unsigned char* in_primary = smem + sizeof(int) * num_experts;  // [E]
@@ -270,11 +220,10 @@ __global__ void __launch_bounds__(kSlotThreads) slot_kernel(
   }
   __syncthreads();
 
-  const int64_t num_slots = num_tokens * top_k;
+  const int64_t num_slots = args.num_tokens * args.top_k;
   const int64_t begin = blockIdx.x * kSlotsPerBlock;
   const int64_t end = begin + kSlotsPerBlock < num_slots ? begin + kSlotsPerBlock : num_slots;
-  rewrite_slots(topk_ids, new_ids, begin + tid, end, top_k, num_primary, num_experts, target, in_primary,
-                before, after, ws.counters);
+  rewrite_slots(args, begin + tid, end, target, in_primary, before, after, ws.counters);
   __syncthreads();
   for (int e = tid; e < num_experts; e += blockDim.x) {
     if (before[e]) {
@@ -306,6 +255,7 @@ __global__ void __launch_bounds__(kSlotThreads) slot_kernel(
   __syncthreads();
   if (tid == 0) {
     const volatile unsigned long long* counters = ws.counters;
+    int64_t* stats = args.stats;  // [5]
     stats[0] = static_cast<int64_t>(totals[0]);
     stats[1] = static_cast<int64_t>(totals[1]);
     stats[2] = static_cast<int64_t>(totals[2]);
@@ -315,19 +265,12 @@ __global__ void __launch_bounds__(kSlotThreads) slot_kernel(
 }
 
 template <typename IdT>
-__global__ void __launch_bounds__(kSingleBlockThreads) primary_mask_kernel(
-    const IdT* __restrict__ topk_ids,  // [T, K]
-    bool* __restrict__ mask,           // [E]
-    int64_t num_tokens,
-    int top_k,
-    int num_primary,
-    int num_experts) {
-  const int tid = threadIdx.x;
-  for (int e = tid; e < num_experts; e += blockDim.x) {
+__global__ void __launch_bounds__(kSingleBlockThreads) primary_mask_kernel(SlotArgs<IdT> slots, bool* mask) {
+  for (int e = threadIdx.x; e < slots.num_experts; e += blockDim.x) {
     mask[e] = false;
   }
   __syncthreads();  // the zeroes land before any thread sets a bit
-  mark_primary_slots(topk_ids, num_tokens, top_k, num_primary, num_experts, mask);
+  mark_primary_slots(slots, mask);
 }
 
 }  // namespace
@@ -344,34 +287,21 @@ cudaError_t launch_reroute(const RerouteArgs<IdT, SimT>& args, cudaStream_t stre
   const int64_t num_slots = args.num_tokens * args.top_k;
   if (num_slots <= kSingleBlockMaxSlots) {
     const size_t smem = (sizeof(int) + 4) * static_cast<size_t>(args.num_experts);
-    single_block_kernel<IdT, SimT><<<1, kSingleBlockThreads, smem, stream>>>(
-        args.topk_ids, args.new_ids, args.similarity, args.primary, args.num_tokens, args.top_k,
-        args.num_primary, args.num_experts, args.use_threshold, args.threshold, args.stats);
+    single_block_kernel<IdT, SimT><<<1, kSingleBlockThreads, smem, stream>>>(args);
     return cudaGetLastError();
   }
   const Workspace ws = carve_workspace(args.workspace, args.num_experts);
-  prepare_kernel<IdT, SimT><<<1, kPrepareThreads, static_cast<size_t>(args.num_experts), stream>>>(
-      args.topk_ids, args.similarity, args.primary, args.num_tokens, args.top_k, args.num_primary,
-      args.num_experts, args.use_threshold, args.threshold, ws);
+  prepare_kernel<IdT, SimT><<<1, kPrepareThreads, static_cast<size_t>(args.num_experts), stream>>>(args, ws);
   const int64_t num_blocks = (num_slots + kSlotsPerBlock - 1) / kSlotsPerBlock;
   const size_t smem = (sizeof(int) + 3) * static_cast<size_t>(args.num_experts);
   slot_kernel<IdT><<<static_cast<unsigned>(num_blocks), kSlotThreads, smem, stream>>>(
-      args.topk_ids, args.new_ids, args.num_tokens, args.top_k, args.num_primary, args.num_experts,
-      ws, args.stats);
+      static_cast<const SlotArgs<IdT>&>(args), ws);
   return cudaGetLastError();
 }
 
 template <typename IdT>
-cudaError_t launch_primary_mask(
-    const IdT* topk_ids,
-    bool* mask,
-    int64_t num_tokens,
-    int top_k,
-    int num_primary,
-    int num_experts,
-    cudaStream_t stream) {
-  primary_mask_kernel<IdT><<<1, kSingleBlockThreads, 0, stream>>>(
-      topk_ids, mask, num_tokens, top_k, num_primary, num_experts);
+cudaError_t launch_primary_mask(const SlotArgs<IdT>& slots, bool* mask, cudaStream_t stream) {
+  primary_mask_kernel<IdT><<<1, kSingleBlockThreads, 0, stream>>>(slots, mask);
   return cudaGetLastError();
 }
 
@@ -386,7 +316,7 @@ SERE_INSTANTIATE_REROUTE(int64_t, __half)
 SERE_INSTANTIATE_REROUTE(int64_t, __nv_bfloat16)
 #undef SERE_INSTANTIATE_REROUTE
 
-template cudaError_t launch_primary_mask<int32_t>(const int32_t*, bool*, int64_t, int, int, int, cudaStream_t);
-template cudaError_t launch_primary_mask<int64_t>(const int64_t*, bool*, int64_t, int, int, int, cudaStream_t);
+template cudaError_t launch_primary_mask<int32_t>(const SlotArgs<int32_t>&, bool*, cudaStream_t);
+template cudaError_t launch_primary_mask<int64_t>(const SlotArgs<int64_t>&, bool*, cudaStream_t);
 
 }  // namespace sere

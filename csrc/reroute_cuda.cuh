@@ -40,21 +40,36 @@ struct ScoreView {
 // Bytes of the scratch buffer that launch_reroute needs (0 for the single-block path).
 size_t reroute_workspace_bytes(int64_t num_tokens, int top_k, int num_experts);
 
-// Arguments of launch_reroute, device pointers and sizes.
-template <typename IdT, typename SimT>
-struct RerouteArgs {
-  const IdT* topk_ids;     // [T, K], IdT = int32_t or int64_t, contiguous
-  IdT* new_ids;            // [T, K], contiguous, a buffer distinct from topk_ids
-  const SimT* similarity;  // [E, E], SimT = float, __half or __nv_bfloat16, compared in float32
-  const bool* primary;     // [E], or nullptr: P from the first S slots of topk_ids
+// The arguments every launcher takes, device pointers and sizes: the slots, P and the outputs
+// every op writes. The op's own arguments extend it (RerouteArgs, OeaArgs, RerouteErrArgs).
+template <typename IdT>
+struct SlotArgs {
+  using Id = IdT;
+  const IdT* topk_ids;  // [T, K], IdT = int32_t or int64_t, contiguous
+  const bool* primary;  // [E], or nullptr: P from the first S slots of topk_ids
+  IdT* new_ids;         // [T, K], contiguous, a buffer distinct from topk_ids
+  int64_t* stats;       // [5] STAT_FIELDS (sere::reroute) or [6] ERR_STAT_FIELDS (the others)
   int64_t num_tokens;
   int top_k;
   int num_primary;
   int num_experts;
+};
+
+// ... and the weights of the ops that rewrite them (sere::oea, sere::reroute_err).
+template <typename IdT, typename WeightT>
+struct WeightedSlotArgs : SlotArgs<IdT> {
+  using Weight = WeightT;
+  const WeightT* topk_weights;  // [T, K], WeightT = float, __half or __nv_bfloat16, contiguous
+  WeightT* new_weights;         // [T, K], contiguous, a buffer distinct from topk_weights
+};
+
+// Arguments of launch_reroute; stats: [5] distinct_before, distinct_after, num_primary_experts,
+// rerouted_slots, critical_slots (sere.reference.STAT_FIELDS).
+template <typename IdT, typename SimT>
+struct RerouteArgs : SlotArgs<IdT> {
+  const SimT* similarity;  // [E, E], SimT = float, __half or __nv_bfloat16, compared in float32
   bool use_threshold;      // rho > 0
   float threshold;         // float32(rho)
-  int64_t* stats;          // [5] distinct_before, distinct_after, num_primary_experts,
-                           //   rerouted_slots, critical_slots (sere.reference.STAT_FIELDS)
   void* workspace;         // reroute_workspace_bytes(...) bytes (any contents), or nullptr when 0
 };
 
@@ -62,15 +77,9 @@ struct RerouteArgs {
 template <typename IdT, typename SimT>
 cudaError_t launch_reroute(const RerouteArgs<IdT, SimT>& args, cudaStream_t stream);
 
-// P as an [E] bool mask (written in full, no prior zeroing needed): one launch.
+// P as an [E] bool mask (written in full, no prior zeroing needed): one launch. Reads the
+// sizes and topk_ids of `slots` only.
 template <typename IdT>
-cudaError_t launch_primary_mask(
-    const IdT* topk_ids,
-    bool* mask,
-    int64_t num_tokens,
-    int top_k,
-    int num_primary,
-    int num_experts,
-    cudaStream_t stream);
+cudaError_t launch_primary_mask(const SlotArgs<IdT>& slots, bool* mask, cudaStream_t stream);
 
 }  // namespace sere

@@ -1,14 +1,16 @@
-// Torch glue of the CUDA kernels (reroute_cuda.cu, reroute_err_cuda.cu, oea_cuda.cu): checks,
-// fixed-size outputs allocated on the tensor's device, launch on the current stream. Built only
-// against a CUDA torch.
+// Torch glue of the CUDA kernels (reroute_cuda.cu, reroute_err_cuda.cu, oea_cuda.cu): the size
+// limits of the CUDA ops, fixed-size outputs allocated on the tensor's device, the launchers'
+// arguments, launch on the current stream. The arguments were checked before (op_entry.h).
+// Built only against a CUDA torch.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>  // the stream behind at::cuda::getCurrentCUDAStream, minus cuBLAS headers
 #include <torch/library.h>
 
 #include <tuple>
+#include <type_traits>
 
-#include "reroute_checks.h"
+#include "op_entry.h"
 #include "reroute_cuda.cuh"
 #include "reroute_dispatch.h"
 #include "oea_cuda.cuh"
@@ -65,169 +67,146 @@ ScoreView score_view(const std::optional<at::Tensor>& scores) {
           static_cast<int>(scores->size(1))};
 }
 
-std::tuple<at::Tensor, at::Tensor> reroute_cuda(
-    const at::Tensor& topk_ids,
-    const at::Tensor& similarity,
-    int64_t num_primary,
-    double threshold,
-    const std::optional<at::Tensor>& primary) {
-  check_reroute_args(topk_ids, similarity, num_primary, threshold, primary);
-  const int64_t num_experts = similarity.size(0);
-  check_cuda_sizes(topk_ids, num_experts);
+// The data of a float tensor as the CUDA type T (__half / __nv_bfloat16 share at::Half's /
+// at::BFloat16's layout).
+template <typename T>
+T* cuda_data(const at::Tensor& tensor) {
+  return reinterpret_cast<T*>(tensor.data_ptr());
+}
+
+// The slots, P, sizes and outputs of a checked call (RerouteCall, RerouteErrCall, OeaCall).
+template <typename IdT, typename Call>
+SlotArgs<IdT> slot_args(const Call& call, at::Tensor& new_ids, at::Tensor& stats) {
+  return {call.topk_ids.template data_ptr<IdT>(), primary_data(call.primary), new_ids.data_ptr<IdT>(),
+          stats.data_ptr<int64_t>(), call.topk_ids.size(0), static_cast<int>(call.topk_ids.size(1)),
+          static_cast<int>(call.num_primary), static_cast<int>(call.num_experts())};
+}
+
+// ... and the weights (RerouteErrCall, OeaCall), written into the launcher's arguments.
+template <typename IdT, typename WeightT, typename Call>
+void set_weighted_args(
+    WeightedSlotArgs<IdT, WeightT>& args, const Call& call, at::Tensor& new_ids, at::Tensor& new_weights,
+    at::Tensor& stats) {
+  static_cast<SlotArgs<IdT>&>(args) = slot_args<IdT>(call, new_ids, stats);
+  args.topk_weights = cuda_data<const WeightT>(call.topk_weights);
+  args.new_weights = cuda_data<WeightT>(new_weights);
+}
+
+// Runs `launch(stream)` (returns a cudaError_t) on the current stream of topk_ids' device.
+template <typename Launch>
+void launch_on_device(const at::Tensor& topk_ids, const char* op, const Launch& launch) {
   const c10::cuda::CUDAGuard device_guard(topk_ids.device());
-  at::Tensor new_ids = at::empty(topk_ids.sizes(), topk_ids.options());            // [T, K]
-  at::Tensor stats = at::empty({kNumStats}, topk_ids.options().dtype(at::kLong));  // [5]
+  const cudaError_t status = launch(c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(status == cudaSuccess, op, " CUDA launch failed: ", cudaGetErrorString(status));
+}
+
+IdsAndStats reroute_cuda(const RerouteCall& call) {
+  const at::Tensor& topk_ids = call.topk_ids;
+  check_cuda_sizes(topk_ids, call.num_experts());
+  at::Tensor new_ids = at::empty(topk_ids.sizes(), topk_ids.options());  // [T, K]
+  at::Tensor stats = empty_stats(topk_ids, kNumStats);                  // [5]
   const size_t workspace_bytes = reroute_workspace_bytes(
-      topk_ids.size(0), static_cast<int>(topk_ids.size(1)), static_cast<int>(num_experts));
+      topk_ids.size(0), static_cast<int>(topk_ids.size(1)), static_cast<int>(call.num_experts()));
   at::Tensor workspace;  // fixed size for the shape: no data-dependent allocation
   if (workspace_bytes > 0) {
-    workspace = at::empty(
-        {static_cast<int64_t>(workspace_bytes)}, topk_ids.options().dtype(at::kByte));
+    workspace = at::empty({static_cast<int64_t>(workspace_bytes)}, topk_ids.options().dtype(at::kByte));
   }
-  // Spec: rho > 0 enables preservation; sim is compared with float32(rho).
-  const bool use_threshold = threshold > 0.0;
-  const float threshold_f32 = static_cast<float>(threshold);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  cudaError_t status = cudaSuccess;
-  dispatch_ids(topk_ids, [&](auto id_tag) {
-    dispatch_float(similarity, "similarity", [&](auto sim_tag) {
-      using IdT = decltype(id_tag);
-      using SimT = typename CudaType<decltype(sim_tag)>::type;
-      status = launch_reroute<IdT, SimT>(
-          {.topk_ids = topk_ids.data_ptr<IdT>(),
-           .new_ids = new_ids.data_ptr<IdT>(),
-           .similarity = reinterpret_cast<const SimT*>(similarity.data_ptr()),
-           .primary = primary_data(primary),
-           .num_tokens = topk_ids.size(0),
-           .top_k = static_cast<int>(topk_ids.size(1)),
-           .num_primary = static_cast<int>(num_primary),
-           .num_experts = static_cast<int>(num_experts),
-           .use_threshold = use_threshold,
-           .threshold = threshold_f32,
-           .stats = stats.data_ptr<int64_t>(),
-           .workspace = workspace_bytes > 0 ? workspace.data_ptr() : nullptr},
-          stream);
+  launch_on_device(topk_ids, "sere::reroute", [&](cudaStream_t stream) {
+    cudaError_t status = cudaSuccess;
+    dispatch_ids(topk_ids, [&](auto id_tag) {
+      dispatch_float(call.similarity, "similarity", [&](auto sim_tag) {
+        using IdT = decltype(id_tag);
+        using SimT = typename CudaType<decltype(sim_tag)>::type;
+        RerouteArgs<IdT, SimT> args{};
+        static_cast<SlotArgs<IdT>&>(args) = slot_args<IdT>(call, new_ids, stats);
+        args.similarity = cuda_data<const SimT>(call.similarity);
+        args.use_threshold = call.threshold > 0.0;  // spec: rho > 0 enables preservation ...
+        args.threshold = static_cast<float>(call.threshold);  // ... sim is compared with float32(rho)
+        args.workspace = workspace_bytes > 0 ? workspace.data_ptr() : nullptr;
+        status = launch_reroute(args, stream);
+      });
     });
+    return status;
   });
-  TORCH_CHECK(status == cudaSuccess, "sere::reroute CUDA launch failed: ", cudaGetErrorString(status));
   return {new_ids, stats};
 }
 
-at::Tensor primary_mask_cuda(const at::Tensor& topk_ids, int64_t num_experts, int64_t num_primary) {
-  check_primary_mask_args(topk_ids, num_experts, num_primary);
-  check_cuda_sizes(topk_ids, num_experts);
-  const c10::cuda::CUDAGuard device_guard(topk_ids.device());
-  at::Tensor mask = at::empty({num_experts}, topk_ids.options().dtype(at::kBool));  // [E]
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  cudaError_t status = cudaSuccess;
-  dispatch_ids(topk_ids, [&](auto id_tag) {
-    using IdT = decltype(id_tag);
-    status = launch_primary_mask<IdT>(
-        topk_ids.data_ptr<IdT>(), mask.data_ptr<bool>(), topk_ids.size(0),
-        static_cast<int>(topk_ids.size(1)), static_cast<int>(num_primary),
-        static_cast<int>(num_experts), stream);
+at::Tensor primary_mask_cuda(const PrimaryMaskCall& call) {
+  const at::Tensor& topk_ids = call.topk_ids;
+  check_cuda_sizes(topk_ids, call.num_experts);
+  at::Tensor mask = at::empty({call.num_experts}, topk_ids.options().dtype(at::kBool));  // [E]
+  launch_on_device(topk_ids, "sere::primary_mask", [&](cudaStream_t stream) {
+    cudaError_t status = cudaSuccess;
+    dispatch_ids(topk_ids, [&](auto id_tag) {
+      using IdT = decltype(id_tag);
+      const SlotArgs<IdT> slots{topk_ids.data_ptr<IdT>(), nullptr, nullptr, nullptr, topk_ids.size(0),
+                                static_cast<int>(topk_ids.size(1)), static_cast<int>(call.num_primary),
+                                static_cast<int>(call.num_experts)};
+      status = launch_primary_mask(slots, mask.data_ptr<bool>(), stream);
+    });
+    return status;
   });
-  TORCH_CHECK(status == cudaSuccess, "sere::primary_mask CUDA launch failed: ", cudaGetErrorString(status));
   return mask;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> reroute_err_cuda(
-    const at::Tensor& topk_ids,
-    const at::Tensor& topk_weights,
-    const at::Tensor& error,
-    int64_t num_primary,
-    double tolerance,
-    double keep_cost,
-    int64_t max_distinct,
-    bool renormalize,
-    const std::optional<at::Tensor>& primary,
-    const std::optional<at::Tensor>& router_scores) {
-  check_reroute_err_args(topk_ids, topk_weights, error, num_primary, tolerance, keep_cost, primary);
-  const int64_t num_experts = error.size(0);
-  check_refill_scores(router_scores, topk_ids, num_experts);
-  check_single_block(topk_ids, num_experts, "sere::reroute_err", "error");
-  const c10::cuda::CUDAGuard device_guard(topk_ids.device());
-  at::Tensor new_ids = at::empty(topk_ids.sizes(), topk_ids.options());                 // [T, K]
-  at::Tensor new_weights = at::empty(topk_weights.sizes(), topk_weights.options());     // [T, K]
-  at::Tensor stats = at::empty({kNumErrStats}, topk_ids.options().dtype(at::kLong));  // [6]
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  cudaError_t status = cudaSuccess;
-  dispatch_ids(topk_ids, [&](auto id_tag) {
-    dispatch_float(topk_weights, "topk_weights", [&](auto weight_tag) {
-      dispatch_float(error, "error", [&](auto err_tag) {
-        using IdT = decltype(id_tag);
-        using WeightT = typename CudaType<decltype(weight_tag)>::type;
-        using ErrT = typename CudaType<decltype(err_tag)>::type;
-        status = launch_reroute_err<IdT, WeightT, ErrT>(
-            {.topk_ids = topk_ids.data_ptr<IdT>(),
-             .topk_weights = reinterpret_cast<const WeightT*>(topk_weights.data_ptr()),
-             .error = reinterpret_cast<const ErrT*>(error.data_ptr()),
-             .primary = primary_data(primary),
-             .new_ids = new_ids.data_ptr<IdT>(),
-             .new_weights = reinterpret_cast<WeightT*>(new_weights.data_ptr()),
-             .stats = stats.data_ptr<int64_t>(),
-             .num_tokens = topk_ids.size(0),
-             .top_k = static_cast<int>(topk_ids.size(1)),
-             .num_primary = static_cast<int>(num_primary),
-             .num_experts = static_cast<int>(num_experts),
-             .tolerance = static_cast<float>(tolerance),
-             .keep_cost = static_cast<float>(keep_cost),
-             .max_distinct = max_distinct,
-             .renormalize = renormalize,
-             .router_scores = score_view(router_scores)},
-            stream);
+// The frame of the weighted one-block ops (reroute_err, oea): size limits, outputs, and per
+// (IdT, WeightT) `launch(base, stream)` with base the WeightedSlotArgs of the call.
+template <typename Call, typename Launch>
+IdsWeightsAndStats run_weighted_op(const Call& call, const char* op, const char* matrix, const Launch& launch) {
+  check_single_block(call.topk_ids, call.num_experts(), op, matrix);
+  at::Tensor new_ids, new_weights, stats;  // [T, K], [T, K], [6]
+  std::tie(new_ids, new_weights, stats) = empty_weighted_outputs(call.topk_ids, call.topk_weights);
+  launch_on_device(call.topk_ids, op, [&](cudaStream_t stream) {
+    cudaError_t status = cudaSuccess;
+    dispatch_ids(call.topk_ids, [&](auto id_tag) {
+      dispatch_float(call.topk_weights, "topk_weights", [&](auto weight_tag) {
+        WeightedSlotArgs<decltype(id_tag), typename CudaType<decltype(weight_tag)>::type> base{};
+        set_weighted_args(base, call, new_ids, new_weights, stats);
+        status = launch(base, stream);
       });
     });
+    return status;
   });
-  TORCH_CHECK(status == cudaSuccess, "sere::reroute_err CUDA launch failed: ", cudaGetErrorString(status));
   return {new_ids, new_weights, stats};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> oea_cuda(
-    const at::Tensor& topk_ids,
-    const at::Tensor& topk_weights,
-    const at::Tensor& router_scores,
-    int64_t num_primary,
-    const std::optional<at::Tensor>& primary) {
-  check_oea_args(topk_ids, topk_weights, router_scores, num_primary, primary);
-  const int64_t num_experts = router_scores.size(1);
-  check_single_block(topk_ids, num_experts, "sere::oea", "router_scores");
-  const c10::cuda::CUDAGuard device_guard(topk_ids.device());
-  at::Tensor new_ids = at::empty(topk_ids.sizes(), topk_ids.options());              // [T, K]
-  at::Tensor new_weights = at::empty(topk_weights.sizes(), topk_weights.options());  // [T, K]
-  at::Tensor stats = at::empty({kNumOeaStats}, topk_ids.options().dtype(at::kLong));  // [6]
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  cudaError_t status = cudaSuccess;
-  dispatch_ids(topk_ids, [&](auto id_tag) {
-    dispatch_float(topk_weights, "topk_weights", [&](auto weight_tag) {
-      using IdT = decltype(id_tag);
-      using WeightT = typename CudaType<decltype(weight_tag)>::type;
-      status = launch_oea<IdT, WeightT>(
-          {.topk_ids = topk_ids.data_ptr<IdT>(),
-           .topk_weights = reinterpret_cast<const WeightT*>(topk_weights.data_ptr()),
-           .router_scores = score_view(router_scores),
-           .primary = primary_data(primary),
-           .new_ids = new_ids.data_ptr<IdT>(),
-           .new_weights = reinterpret_cast<WeightT*>(new_weights.data_ptr()),
-           .stats = stats.data_ptr<int64_t>(),
-           .num_tokens = topk_ids.size(0),
-           .top_k = static_cast<int>(topk_ids.size(1)),
-           .num_primary = static_cast<int>(num_primary),
-           .num_experts = static_cast<int>(num_experts)},
-          stream);
+IdsWeightsAndStats reroute_err_cuda(const RerouteErrCall& call) {
+  return run_weighted_op(call, "sere::reroute_err", "error", [&](const auto& base, cudaStream_t stream) {
+    using Base = std::decay_t<decltype(base)>;
+    cudaError_t status = cudaSuccess;
+    dispatch_float(call.error, "error", [&](auto err_tag) {
+      using ErrT = typename CudaType<decltype(err_tag)>::type;
+      RerouteErrArgs<typename Base::Id, typename Base::Weight, ErrT> args{};
+      static_cast<Base&>(args) = base;
+      args.error = cuda_data<const ErrT>(call.error);
+      args.tolerance = static_cast<float>(call.tolerance);
+      args.keep_cost = static_cast<float>(call.keep_cost);
+      args.max_distinct = call.max_distinct;
+      args.renormalize = call.renormalize;
+      args.router_scores = score_view(call.router_scores);
+      status = launch_reroute_err(args, stream);
     });
+    return status;
   });
-  TORCH_CHECK(status == cudaSuccess, "sere::oea CUDA launch failed: ", cudaGetErrorString(status));
-  return {new_ids, new_weights, stats};
+}
+
+IdsWeightsAndStats oea_cuda(const OeaCall& call) {
+  return run_weighted_op(call, "sere::oea", "router_scores", [&](const auto& base, cudaStream_t stream) {
+    using Base = std::decay_t<decltype(base)>;
+    OeaArgs<typename Base::Id, typename Base::Weight> args{};
+    static_cast<Base&>(args) = base;
+    args.router_scores = score_view(call.router_scores);
+    return launch_oea(args, stream);
+  });
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(sere, CUDA, m) {
-  m.impl("reroute", &reroute_cuda);
-  m.impl("reroute_err", &reroute_err_cuda);
-  m.impl("primary_mask", &primary_mask_cuda);
-  m.impl("oea", &oea_cuda);
+  m.impl("reroute", &reroute_entry<reroute_cuda>);
+  m.impl("reroute_err", &reroute_err_entry<reroute_err_cuda>);
+  m.impl("primary_mask", &primary_mask_entry<primary_mask_cuda>);
+  m.impl("oea", &oea_entry<oea_cuda>);
 }
 
 }  // namespace sere

@@ -10,12 +10,8 @@
 // candidate experts, a deterministic ranking (below); then every slot is decided, the weights
 // renormalised per token and the statistics written.
 //
-// Budget ranking, exact and deterministic: the reference sums each expert's candidate costs in
-// row-major slot order (index_put_ with accumulate), so the kernel sorts the candidate slots by
-// the key (expert id, slot index) with an in-block bitonic sort and one thread per expert adds
-// its run of slots in that order (float32, no atomics). The experts are then bitonic-sorted by
-// (summed cost descending, id ascending) and the first max_distinct - |P| keep their slots.
-// Both sorts run only when the budget actually excludes a candidate expert.
+// Budget ranking, exact and deterministic: err_budget.cuh. Its sorts run only when the budget
+// actually excludes a candidate expert.
 //
 // NOTE: exactness. Costs and sums use __fmul_rn / __fadd_rn (never fused into an FMA), so each
 // float32 step rounds like the reference's separate torch ops.
@@ -23,6 +19,7 @@
 
 #include <math.h>
 
+#include "err_budget.cuh"
 #include "fill_cuda.cuh"
 #include "reroute_common.cuh"
 
@@ -31,22 +28,7 @@ namespace {
 
 constexpr int kThreads = 1024;
 constexpr int kStats = 6;  // sere.ops.ERR_STAT_FIELDS
-// Slot keys: expert id above kSlotBits bits of slot index (T * K <= 2^kSlotBits).
-constexpr int kSlotBits = 13;
-constexpr uint32_t kSlotMask = (1u << kSlotBits) - 1;
-constexpr uint32_t kNoSlot = 0xffffffffu;                  // sorts last; its expert is no expert
-constexpr unsigned long long kNoExpert = ~0ull;            // sorts last
 constexpr size_t kDefaultMaxSharedBytes = 48 * 1024;       // above it a kernel must opt in
-static_assert(kSingleBlockMaxSlots <= (int64_t{1} << kSlotBits), "slot index must fit kSlotBits");
-static_assert(kCudaMaxExperts <= (1 << (32 - kSlotBits - 1)), "expert id must fit a slot key");
-
-__host__ __device__ inline int next_pow2(int n) {
-  int p = 1;
-  while (p < n) {
-    p <<= 1;
-  }
-  return p;
-}
 
 __host__ __device__ inline size_t align16(size_t bytes) { return (bytes + 15) & ~size_t{15}; }
 
@@ -73,72 +55,23 @@ __host__ __device__ inline SmemLayout smem_layout(int num_slots, int num_experts
   return layout;
 }
 
-template <typename T>
-__device__ __forceinline__ T from_float(float x);
-template <>
-__device__ __forceinline__ float from_float<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
-
-// torch's clamp_max(x, 1) for a non-NaN x.
-__device__ __forceinline__ float clamp_max_one(float x) { return x < 1.0f ? x : 1.0f; }
-
 // p* = argmin_{p in P} error[e, p] (ties: lowest id) and its error, by one whole warp (call
 // warp-uniformly); the error is +inf when P is empty, no entry is below +inf, or one is NaN.
 template <typename ErrT>
 __device__ void best_substitute_warp(
-    const ErrT* __restrict__ error,      // [E, E]
-    const unsigned char* in_primary,     // [E]
+    const ErrT* __restrict__ error,   // [E, E]
+    const unsigned char* in_primary,  // [E]
     int e,
     int num_experts,
-    float* best_err,                     // [E]
-    int* best_id) {                      // [E]
-  const int lane = threadIdx.x % kWarpSize;
-  const ErrT* row = error + static_cast<int64_t>(e) * num_experts;  // [E]
-  float best = INFINITY;
-  int best_p = num_experts;  // none yet
-  bool saw_nan = false;
-  for (int p = lane; p < num_experts; p += kWarpSize) {  // ascending: strict < keeps the lowest id
-    if (in_primary[p]) {
-      const float value = to_float(row[p]);
-      if (isnan(value)) {
-        saw_nan = true;
-      } else if (value < best) {
-        best = value;
-        best_p = p;
-      }
-    }
-  }
-  warp_best</*kLargest=*/false>(best, best_p);
-  saw_nan = __any_sync(kFullMask, saw_nan);
-  if (lane == 0) {
+    float* best_err,                  // [E]
+    int* best_id) {                   // [E]
+  float best;
+  int best_p;
+  const bool saw_nan = warp_best_over_primary</*kLargest=*/false>(
+      error + static_cast<int64_t>(e) * num_experts, in_primary, num_experts, best, best_p);
+  if (threadIdx.x % kWarpSize == 0) {
     best_err[e] = (saw_nan || best_p == num_experts) ? INFINITY : best;
     best_id[e] = best_p == num_experts ? 0 : best_p;
-  }
-}
-
-// Ascending in-place bitonic sort of `len` (a power of two) keys by the whole block (call
-// block-uniformly, after a __syncthreads that published the keys; returns after another).
-template <typename KeyT>
-__device__ void bitonic_sort(KeyT* keys, int len) {
-  for (int size = 2; size <= len; size <<= 1) {
-    for (int stride = size >> 1; stride > 0; stride >>= 1) {
-      for (int i = threadIdx.x; i < len; i += blockDim.x) {
-        const int partner = i ^ stride;
-        if (partner > i) {
-          const KeyT a = keys[i];
-          const KeyT b = keys[partner];
-          const bool ascending = (i & size) == 0;
-          if ((a > b) == ascending) {
-            keys[i] = b;
-            keys[partner] = a;
-          }
-        }
-      }
-      __syncthreads();
-    }
   }
 }
 
@@ -195,6 +128,28 @@ __device__ void refill_token(
   warp_fill_picks(scores, t, num_experts, count, is_loaded, is_excluded, on_pick);
 }
 
+// Every token's weights rescaled to its original sum (sere.reference.renormalize_weights).
+template <typename WeightT>
+__device__ void renormalize_tokens(
+    const WeightT* __restrict__ topk_weights,  // [T, K]
+    WeightT* new_weights,                      // [T, K]
+    int num_tokens,
+    int top_k) {
+  for (int t = threadIdx.x; t < num_tokens; t += blockDim.x) {
+    const int64_t row = static_cast<int64_t>(t) * top_k;
+    float old_sum = 0.0f;
+    float new_sum = 0.0f;
+    for (int s = 0; s < top_k; ++s) {
+      old_sum = __fadd_rn(old_sum, to_float(topk_weights[row + s]));
+      new_sum = __fadd_rn(new_sum, to_float(new_weights[row + s]));
+    }
+    const float scale = __fdiv_rn(old_sum, new_sum);
+    for (int s = 0; s < top_k; ++s) {
+      new_weights[row + s] = from_float<WeightT>(__fmul_rn(to_float(new_weights[row + s]), scale));
+    }
+  }
+}
+
 template <typename IdT, typename WeightT, typename ErrT>
 __global__ void __launch_bounds__(kThreads) reroute_err_kernel(
     const IdT* __restrict__ topk_ids,          // [T, K]
@@ -234,9 +189,7 @@ __global__ void __launch_bounds__(kThreads) reroute_err_kernel(
   const int tid = threadIdx.x;
   const int warp = tid / kWarpSize;
   const int num_warps = blockDim.x / kWarpSize;
-  const auto cost_of = [&](int i, int e) {  // float32(w) * min(c, 1), rounded
-    return __fmul_rn(to_float(topk_weights[i]), clamp_max_one(best_err[e]));
-  };
+  const auto cost_of = [&](int i, int e) { return slot_cost(topk_weights, best_err, i, e); };
 
   for (int e = tid; e < num_experts; e += blockDim.x) {
     in_primary[e] = primary != nullptr ? primary[e] : 0;
@@ -285,56 +238,8 @@ __global__ void __launch_bounds__(kThreads) reroute_err_kernel(
   __syncthreads();
 
   if (use_budget) {
-    unsigned count_candidates = 0;
-    unsigned count_primary = 0;
-    for (int e = tid; e < num_experts; e += blockDim.x) {
-      count_candidates += keep[e];
-      count_primary += in_primary[e];
-    }
-    count_candidates = warp_sum(count_candidates);
-    count_primary = warp_sum(count_primary);
-    if (tid % kWarpSize == 0) {
-      atomicAdd(&num_candidates, static_cast<int>(count_candidates));
-      atomicAdd(&num_primary_experts, static_cast<int>(count_primary));
-    }
-    __syncthreads();
-    const int room = max_distinct - num_primary_experts;
-    const int budget = room > 0 ? room : 0;
-    if (num_candidates > budget) {  // block-uniform: the budget excludes some candidate
-      const int num_keys = next_pow2(num_slots);
-      bitonic_sort(slot_keys, num_keys);
-      // Each run of one expert's slots, summed in ascending slot order by its first thread.
-      for (int j = tid; j < num_keys; j += blockDim.x) {
-        const uint32_t key = slot_keys[j];
-        const uint32_t e = key >> kSlotBits;
-        if (key == kNoSlot || (j > 0 && (slot_keys[j - 1] >> kSlotBits) == e)) {
-          continue;
-        }
-        float sum = 0.0f;
-        for (int k = j; k < num_keys && slot_keys[k] != kNoSlot && (slot_keys[k] >> kSlotBits) == e; ++k) {
-          sum = __fadd_rn(sum, cost_of(static_cast<int>(slot_keys[k] & kSlotMask), static_cast<int>(e)));
-        }
-        mass[e] = sum;
-      }
-      __syncthreads();  // slot keys read: the buffer now takes the expert keys
-      // mass > keep_cost >= 0, so its bits order like its value; ~bits: largest first.
-      const int num_expert_keys = next_pow2(num_experts);
-      for (int e = tid; e < num_expert_keys; e += blockDim.x) {
-        expert_keys[e] = e < num_experts && keep[e]
-            ? (static_cast<unsigned long long>(~__float_as_uint(mass[e])) << 32) | static_cast<unsigned>(e)
-            : kNoExpert;
-      }
-      __syncthreads();
-      bitonic_sort(expert_keys, num_expert_keys);
-      for (int e = tid; e < num_experts; e += blockDim.x) {
-        keep[e] = 0;
-      }
-      __syncthreads();
-      for (int j = tid; j < budget; j += blockDim.x) {  // budget < num_candidates: all real keys
-        keep[expert_keys[j] & 0xffffffffull] = 1;
-      }
-      __syncthreads();
-    }
+    apply_budget(topk_weights, best_err, in_primary, slot_keys, expert_keys, mass, keep, num_slots, num_experts,
+                 max_distinct, &num_candidates, &num_primary_experts);
   }
 
   // Decide every slot: keep (critical), substitute, or drop.
@@ -385,19 +290,7 @@ __global__ void __launch_bounds__(kThreads) reroute_err_kernel(
   }
 
   if (renormalize) {  // every token, like the reference: scale = original sum / new sum
-    for (int t = tid; t < num_tokens; t += blockDim.x) {
-      const int64_t row = static_cast<int64_t>(t) * top_k;
-      float old_sum = 0.0f;
-      float new_sum = 0.0f;
-      for (int s = 0; s < top_k; ++s) {
-        old_sum = __fadd_rn(old_sum, to_float(topk_weights[row + s]));
-        new_sum = __fadd_rn(new_sum, to_float(new_weights[row + s]));
-      }
-      const float scale = __fdiv_rn(old_sum, new_sum);
-      for (int s = 0; s < top_k; ++s) {
-        new_weights[row + s] = from_float<WeightT>(__fmul_rn(to_float(new_weights[row + s]), scale));
-      }
-    }
+    renormalize_tokens(topk_weights, new_weights, num_tokens, top_k);
   }
 
   add_to_totals({rerouted, critical, dropped}, &totals[3]);

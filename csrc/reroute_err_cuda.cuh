@@ -23,27 +23,16 @@
 
 namespace sere {
 
-// Arguments of launch_reroute_err, device pointers and sizes.
+// Arguments of launch_reroute_err; stats: [6] distinct_before, distinct_after,
+// num_primary_experts, rerouted_slots, critical_slots, dropped_slots (sere.ops.ERR_STAT_FIELDS).
 template <typename IdT, typename WeightT, typename ErrT>
-struct RerouteErrArgs {
-  const IdT* topk_ids;          // [T, K], IdT = int32_t or int64_t, contiguous
-  const WeightT* topk_weights;  // [T, K], WeightT = float, __half or __nv_bfloat16, contiguous
-  const ErrT* error;            // [E, E], ErrT = float, __half or __nv_bfloat16, compared in float32
-  const bool* primary;          // [E], or nullptr: P from the first S slots of topk_ids
-  IdT* new_ids;                 // [T, K], contiguous, a buffer distinct from topk_ids
-  WeightT* new_weights;         // [T, K], contiguous, a buffer distinct from topk_weights
-  int64_t* stats;               // [6] distinct_before, distinct_after, num_primary_experts,
-                                //   rerouted_slots, critical_slots, dropped_slots
-                                //   (sere.ops.ERR_STAT_FIELDS)
-  int64_t num_tokens;
-  int top_k;
-  int num_primary;
-  int num_experts;
-  float tolerance;              // float32(tolerance) in (0, 1]
-  float keep_cost;              // float32(keep_cost) >= 0 or +inf
-  int64_t max_distinct;         // <= 0: no budget
+struct RerouteErrArgs : WeightedSlotArgs<IdT, WeightT> {
+  const ErrT* error;        // [E, E], ErrT = float, __half or __nv_bfloat16, compared in float32
+  float tolerance;          // float32(tolerance) in (0, 1]
+  float keep_cost;          // float32(keep_cost) >= 0 or +inf
+  int64_t max_distinct;     // <= 0: no budget
   bool renormalize;
-  ScoreView router_scores;      // [T, E], or data nullptr: no refill of the dropped slots
+  ScoreView router_scores;  // [T, E], or data nullptr: no refill of the dropped slots
 };
 
 // Error-aware re-routing, exact like the reference (ids and weights; renormalised weights up to

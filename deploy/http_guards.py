@@ -96,7 +96,7 @@ class ApiKeyMiddleware:
             key is None
             or scope["type"] != "http"
             or scope.get("method") == "OPTIONS"  # CORS preflight carries no credentials
-            or scope.get("path") in self.open_paths
+            or _app_path(scope) in self.open_paths
         ):
             return await self.app(scope, receive, send)
         header = dict(scope.get("headers") or []).get(b"authorization", b"")
@@ -108,6 +108,13 @@ class ApiKeyMiddleware:
                 "AuthenticationError")
             return await response(scope, receive, send)
         return await self.app(scope, receive, send)
+
+
+def _app_path(scope) -> str:
+    """The request path inside the app: Ray Serve passes the full path (e.g. "/off/health" for an
+    app at route prefix "/off") with the prefix as `root_path`."""
+    path, root = scope.get("path", ""), scope.get("root_path", "")
+    return path[len(root):] or "/" if root and path.startswith(root) else path
 
 
 class BodySizeLimitMiddleware:

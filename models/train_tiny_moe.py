@@ -32,48 +32,80 @@ from tiny_moe_corpus import CHAT_TEMPLATE, EOS, IM_END, PAD, load_corpus, sample
 from tiny_moe_net import TinyMoeConfig, TinyQwen3Moe, export_state_dict, load_balancing_loss
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=Path(__file__).parent / "tiny-moe")
-    p.add_argument("--work", type=Path, default=Path("/tmp/tiny-moe-work"), help="caches and checkpoints")
-    p.add_argument("--tokens", type=int, default=6_000_000, help="training tokens (defines the schedule)")
+def add_training_args(p: argparse.ArgumentParser, *, batch_size: int, warmup_tokens: int, eval_every: int,
+                      ckpt_every_s: float, port: int) -> None:
+    """The options of both trainers (this one and train_upcycled.py); the defaults that differ
+    are arguments."""
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--procs", type=int, default=2, help="data-parallel processes (gloo all-reduce)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
     p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--batch-size", type=int, default=16, help="global batch (split over --procs)")
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--batch-size", type=int, default=batch_size, help="global batch (split over --procs)")
+    p.add_argument("--warmup-tokens", type=int, default=warmup_tokens)
     p.add_argument("--min-lr-ratio", type=float, default=0.1)
-    p.add_argument("--warmup-tokens", type=int, default=200_000)
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--grad-clip", type=float, default=1.0)
     p.add_argument("--aux-coef", type=float, default=0.01, help="router_aux_loss_coef")
     p.add_argument("--english-repeat", type=int, default=2, help="fortunes are repeated in the train stream")
     p.add_argument("--heldout-percent", type=float, default=5.0)
-    p.add_argument("--vocab-size", type=int, default=4096)
-    p.add_argument("--hidden-size", type=int, default=256)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--kv-heads", type=int, default=2)
-    p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--experts", type=int, default=64)
-    p.add_argument("--top-k", type=int, default=8)
-    p.add_argument("--moe-intermediate", type=int, default=64)
-    p.add_argument("--eval-every", type=int, default=100, help="steps between quick held-out evals")
+    p.add_argument("--hidden-size", type=int, default=256, help="model width d")
+    p.add_argument("--layers", type=int, default=4, help="decoder layers, each with an MoE block")
+    p.add_argument("--heads", type=int, default=4, help="attention query heads")
+    p.add_argument("--kv-heads", type=int, default=2, help="attention key/value heads (GQA)")
+    p.add_argument("--head-dim", type=int, default=64, help="attention head width")
+    p.add_argument("--experts", type=int, default=64, help="routed experts per layer, E")
+    p.add_argument("--top-k", type=int, default=8, help="experts per token, K")
+    p.add_argument("--eval-every", type=int, default=eval_every, help="steps between quick held-out evals")
     p.add_argument("--eval-windows", type=int, default=24, help="windows in the quick eval")
-    p.add_argument("--ckpt-every-s", type=float, default=600.0)
+    p.add_argument("--ckpt-every-s", type=float, default=ckpt_every_s)
+    p.add_argument("--bench-steps", type=int, default=0, help="time this many steps, then stop (writes no model)")
+    p.add_argument("--port", type=int, default=port)
+
+
+def check_training_args(args) -> None:
+    """The checks and fixed settings both trainers share."""
+    args.max_position_embeddings = 2048
+    if args.batch_size % args.procs:
+        raise SystemExit(f"--batch-size {args.batch_size} is not divisible by --procs {args.procs}")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=Path(__file__).parent / "tiny-moe")
+    p.add_argument("--work", type=Path, default=Path("/tmp/tiny-moe-work"), help="caches and checkpoints")
+    p.add_argument("--tokens", type=int, default=6_000_000, help="training tokens (defines the schedule)")
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--vocab-size", type=int, default=4096)
+    p.add_argument("--moe-intermediate", type=int, default=64)
+    add_training_args(p, batch_size=16, warmup_tokens=200_000, eval_every=100, ckpt_every_s=600.0, port=29533)
     p.add_argument("--resume", action="store_true", help="continue from --work/ckpt.pt")
     p.add_argument("--first-phase", default="", metavar="TOKENS:STEPS",
                    help="steps below STEPS follow the LR schedule of a TOKENS-token run (reproduces a run that "
                         "was resumed with a smaller --tokens)")
-    p.add_argument("--bench-steps", type=int, default=0)
     p.add_argument("--export-only", action="store_true", help="re-export the finished run found in --work")
-    p.add_argument("--port", type=int, default=29533)
     args = p.parse_args(argv)
-    args.max_position_embeddings = 2048
-    if args.batch_size % args.procs:
-        raise SystemExit(f"--batch-size {args.batch_size} is not divisible by --procs {args.procs}")
+    check_training_args(args)
     return args
+
+
+def save_checkpoint(path: Path, model, opt, step: int, log: dict, elapsed: float) -> None:
+    """What --resume continues from: weights, optimizer state, step, log and elapsed seconds."""
+    state = {"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "log": log, "elapsed": elapsed}
+    torch.save(state, path)
+
+
+def load_checkpoint(path: Path, model, opt) -> tuple[int, dict, float]:
+    """Restores the model and optimizer of `save_checkpoint`; returns (step, log, elapsed seconds)."""
+    ck = torch.load(path, weights_only=False)
+    model.load_state_dict(ck["model"])
+    opt.load_state_dict(ck["opt"])
+    return ck["step"], ck["log"], ck["elapsed"]
+
+
+def bench_line(t_bench: float, bench_steps: int, tokens_per_step: int) -> str:
+    """Seconds per step and tokens per second of the steps after the first two of a --bench-steps run."""
+    dt = (time.time() - t_bench) / max(1, bench_steps - 2)
+    return f"{dt:.2f} s/step, {tokens_per_step / dt:.0f} tokens/s"
 
 
 def prepare_data(args):
@@ -201,10 +233,7 @@ def worker(rank: int, args, vocab_size: int):
     step, elapsed_before = 0, 0.0
     ckpt_path = args.work / "ckpt.pt"
     if args.resume and ckpt_path.exists():
-        ck = torch.load(ckpt_path, weights_only=False)
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["opt"])
-        step, log, elapsed_before = ck["step"], ck["log"], ck["elapsed"]
+        step, log, elapsed_before = load_checkpoint(ckpt_path, model, opt)
         log.setdefault("resumes", []).append({"step": step, "tokens_arg": args.tokens})
         say(f"resumed at step {step}", flush=True)
     say(f"params {n_params / 1e6:.2f}M, {total_steps} steps of {tokens_per_step} tokens on {args.procs} procs, "
@@ -252,13 +281,11 @@ def worker(rank: int, args, vocab_size: int):
                                  "elapsed_s": round(elapsed, 1)})
             say(json.dumps(log["evals"][-1]), flush=True)
         if rank == 0 and not args.bench_steps and time.time() - t_ckpt > args.ckpt_every_s:
-            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "log": log,
-                        "elapsed": elapsed}, ckpt_path)
+            save_checkpoint(ckpt_path, model, opt, step, log, elapsed)
             t_ckpt = time.time()
     bar.close()
     if args.bench_steps:
-        dt = (time.time() - t_bench) / max(1, args.bench_steps - 2)
-        say(f"BENCH {dt:.2f} s/step, {tokens_per_step / dt:.0f} tokens/s", flush=True)
+        say(f"BENCH {bench_line(t_bench, args.bench_steps, tokens_per_step)}", flush=True)
         return
 
     train_time = elapsed_before + time.time() - t_start

@@ -33,7 +33,7 @@ import torch.multiprocessing as mp
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tiny_moe_corpus import EOS, load_corpus  # noqa: E402
 from tiny_moe_net import TinyQwen3Moe, import_state_dict  # noqa: E402
-from train_tiny_moe import evaluate, export, unigram_loss, windows  # noqa: E402
+from train_tiny_moe import add_training_args, check_training_args, evaluate, export, unigram_loss, windows  # noqa: E402
 from upcycle import upcycle_state  # noqa: E402
 from upcycled_training import Phase, build, model_config, worker  # noqa: E402
 
@@ -46,45 +46,20 @@ def parse_args(argv=None):
     p.add_argument("--source", type=Path, default=Path(__file__).parent / "tiny-moe",
                    help="tiny-moe directory: tokenizer, heldout.txt and calib.txt are taken from it")
     p.add_argument("--work", type=Path, default=Path("/tmp/tiny-moe-upcycled-work"))
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--procs", type=int, default=2)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--batch-size", type=int, default=8, help="global batch (split over --procs)")
     p.add_argument("--dense-tokens", type=int, default=600_000)
     p.add_argument("--dense-lr", type=float, default=3e-3)
     p.add_argument("--moe-tokens", type=int, default=2_000_000)
     p.add_argument("--moe-lr", type=float, default=1.5e-3)
-    p.add_argument("--warmup-tokens", type=int, default=100_000)
-    p.add_argument("--min-lr-ratio", type=float, default=0.1)
-    p.add_argument("--weight-decay", type=float, default=0.1)
-    p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--aux-coef", type=float, default=0.01)
     p.add_argument("--ffn-width", type=int, default=256, help="dense FFN width F")
-    p.add_argument("--experts", type=int, default=64)
     p.add_argument("--expert-width", type=int, default=32)
-    p.add_argument("--top-k", type=int, default=8)
     p.add_argument("--noise-rel", type=float, default=0.01, help="expert init noise, relative to tensor std")
     p.add_argument("--router-std", type=float, default=0.02)
-    p.add_argument("--hidden-size", type=int, default=256)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--kv-heads", type=int, default=2)
-    p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--english-repeat", type=int, default=2)
-    p.add_argument("--heldout-percent", type=float, default=5.0)
-    p.add_argument("--eval-every", type=int, default=50)
-    p.add_argument("--eval-windows", type=int, default=24)
-    p.add_argument("--ckpt-every-s", type=float, default=300.0)
+    add_training_args(p, batch_size=8, warmup_tokens=100_000, eval_every=50, ckpt_every_s=300.0, port=29611)
     p.add_argument("--resume", action="store_true", help="continue an interrupted phase from its checkpoint")
-    p.add_argument("--bench-steps", type=int, default=0)
     p.add_argument("--compare", type=Path, default=None,
                    help="also evaluate this shipped model (e.g. models/tiny-moe) with the same code")
-    p.add_argument("--port", type=int, default=29611)
     args = p.parse_args(argv)
-    args.max_position_embeddings = 2048
-    if args.batch_size % args.procs:
-        raise SystemExit(f"--batch-size {args.batch_size} is not divisible by --procs {args.procs}")
+    check_training_args(args)
     for name in ("tokenizer.json", "heldout.txt", "calib.txt"):
         if not (args.source / name).is_file():
             raise SystemExit(f"--source {args.source} has no {name}")

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from sere.progress import Progress, log as write_line
 from tiny_moe_net import TinyMoeConfig, TinyQwen3Moe, load_balancing_loss
-from train_tiny_moe import all_reduce_, evaluate, lr_at, windows
+from train_tiny_moe import all_reduce_, bench_line, evaluate, load_checkpoint, lr_at, save_checkpoint, windows
 
 
 @dataclass
@@ -108,10 +108,7 @@ def worker(rank: int, args, vocab_size: int, phase: Phase, port: int):
     log = {"phase": asdict(phase), "steps": [], "evals": []}
     step, elapsed_before, ckpt = 0, 0.0, work / f"ckpt_{phase.name}.pt"
     if args.resume and ckpt.exists():
-        ck = torch.load(ckpt, weights_only=False)
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["opt"])
-        step, log, elapsed_before = ck["step"], ck["log"], ck["elapsed"]
+        step, log, elapsed_before = load_checkpoint(ckpt, model, opt)
         say(f"[{phase.name}] resumed at step {step}")
     run_steps = args.bench_steps or total
     say(f"[{phase.name}] {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {total} steps of "
@@ -140,13 +137,11 @@ def worker(rank: int, args, vocab_size: int, phase: Phase, port: int):
             log["evals"].append({"step": step, "heldout_loss_quick": round(ev, 4), "elapsed_s": round(elapsed, 1)})
             say(json.dumps(log["evals"][-1]))
         if rank == 0 and not args.bench_steps and time.time() - t_ckpt > args.ckpt_every_s:
-            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "log": log,
-                        "elapsed": elapsed}, ckpt)
+            save_checkpoint(ckpt, model, opt, step, log, elapsed)
             t_ckpt = time.time()
     bar.close()
     if args.bench_steps:
-        dt = (time.time() - t_bench) / max(1, args.bench_steps - 2)
-        say(f"BENCH {phase.name}: {dt:.2f} s/step, {tokens_per_step / dt:.0f} tokens/s")
+        say(f"BENCH {phase.name}: {bench_line(t_bench, args.bench_steps, tokens_per_step)}")
         return
     if rank == 0:
         log["train_time_s"] = round(elapsed_before + time.time() - t0, 1)

@@ -302,14 +302,20 @@ def heldout_report(hf, tok, wins, d, cfg, batch_size: int) -> dict:
     }
 
 
+def verify_parser(description: str, model_dir: Path) -> argparse.ArgumentParser:
+    """The options of both verify scripts (this one and verify_upcycled.py)."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dir", type=Path, default=model_dir, help="the model directory")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per held-out window")
+    p.add_argument("--batch-size", type=int, default=8, help="held-out windows per forward pass")
+    p.add_argument("--threads", type=int, default=2, help="torch threads")
+    p.add_argument("--vllm", action="store_true", help="also load the directory in vLLM (CPU) and generate")
+    return p
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dir", type=Path, default=Path(__file__).parent / "tiny-moe")
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--threads", type=int, default=2)
+    p = verify_parser(__doc__, Path(__file__).parent / "tiny-moe")
     p.add_argument("--max-windows", type=int, default=0, help="limit held-out windows (0: all; smoke tests)")
-    p.add_argument("--vllm", action="store_true")
     p.add_argument("--card-only", action="store_true", help="rewrite README.md from the existing eval.json")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -10,7 +10,6 @@ directory in vLLM (CPU, enforce_eager) and generates. Does not write a model car
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -18,17 +17,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from verify_tiny_moe import PROMPTS, heldout_report, heldout_windows, training_model, vllm_check  # noqa: E402
+from verify_tiny_moe import (PROMPTS, heldout_report, heldout_windows, training_model, verify_parser,  # noqa: E402
+                             vllm_check)
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dir", type=Path, default=Path(__file__).parent / "tiny-moe-upcycled")
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--vllm", action="store_true")
-    args = p.parse_args(argv)
+    args = verify_parser(__doc__, Path(__file__).parent / "tiny-moe-upcycled").parse_args(argv)
     torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -3,10 +3,11 @@
     sere calibrate     --model DIR --data PATH [--metric cosine|frobenius|cka] ...
     sere substitution  --model DIR --data PATH ...
     sere evaluate      --model DIR --text PATH --batch-size B ... --json OUT
+    sere tune          --model DIR --text PATH --max-ppl-increase 0.01 [--out FILE]
     sere <command> --help
 
-Each command is the `main(argv, prog=...)` of its module (sere.hf.<command>), which owns its
-parser: `sere calibrate ...` and `python -m sere.calibrate ...` are the same program. A tool
+Each command is the `main(argv, prog=...)` of its module (sere.hf.<command>; sere.tune), which
+owns its parser: `sere calibrate ...` and `python -m sere.calibrate ...` are the same program. A tool
 module (and transformers with it) is imported only when its command runs.
 """
 
@@ -24,6 +25,7 @@ COMMANDS = {
     "calibrate": ("sere.hf.calibrate", "write the expert similarity sidecar (read by policy sere)"),
     "substitution": ("sere.hf.substitution", "write the substitution error sidecar (read by policy sere-err)"),
     "evaluate": ("sere.hf.evaluate", "compare policies with topk under lock-step batch decoding"),
+    "tune": ("sere.tune", "pick each batch size's settings for a perplexity target (writes the schedule)"),
 }
 
 

@@ -5,11 +5,12 @@ Validated at the boundary; the hot path receives plain ints and floats.
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from sere.policy import POLICIES
+from sere.policy import POLICIES, TUNED
 
 __all__ = ["SereConfig", "Scope"]
 
@@ -26,12 +27,17 @@ class SereConfig(BaseModel):
     Steps with more than `max_decode_tokens` tokens (prefill, chunked prefill) are left alone.
     `sere-err` (error-aware) reads a `substitution_error` sidecar and uses `tolerance`,
     `keep_cost`, `max_distinct`, `renormalize` and `refill` (see `sere.reference.sere_err_reference`).
+    `xshare` (arXiv 2602.07265) reads the router scores: the batch keeps every token's top
+    `num_primary` experts plus the experts of largest summed score up to `max_distinct` (required),
+    and each token takes its top-k among those (see `sere.reference.xshare_reference`).
     `scope` sets who shares the primary set: the whole expert-parallel group or each rank.
     `locality_epsilon` (sere only, expert parallelism): among the primaries within this
     similarity of the best, prefer one on a rank or node the token is already sent to.
     `node_limit="primary_nodes"` (sere, sere-err, oea; needs the expert placement): a token's
     secondary slots only go to experts on the nodes (`node_scope="rank"`: ranks) of its own
     top-S experts, grown to at most `max_nodes` nodes (ranks) in all when that is set.
+    `policy="tuned"` follows a schedule made by `sere tune` (`schedule`: its path; None lets the
+    engine use the model's own `sere_schedule.json`): `at(step_tokens)` is the bucket's config.
     The policy layer `sere.policy.route` applies it; docs/spec.md states every rule.
     """
 
@@ -53,33 +59,22 @@ class SereConfig(BaseModel):
     node_limit: str | None = None
     max_nodes: int | None = Field(default=None, ge=1)
     node_scope: str = "node"
+    schedule: str | None = None
 
     @field_validator("policy")
     @classmethod
     def _known_policy(cls, value: str) -> str:
-        if value not in POLICIES:
-            raise ValueError(f"policy={value!r} is unknown; choose one of {list(POLICIES)}")
+        if value not in POLICIES and value != TUNED:
+            raise ValueError(f"policy={value!r} is unknown; choose one of {list(POLICIES) + [TUNED]}")
         return value
 
-    @field_validator("scope")
+    @field_validator("scope", "node_limit", "node_scope")
     @classmethod
-    def _known_scope(cls, value: str) -> str:
-        if value not in ("ep_group", "rank"):
-            raise ValueError(f"scope={value!r} is unknown; choose 'ep_group' or 'rank'")
-        return value
-
-    @field_validator("node_limit")
-    @classmethod
-    def _known_node_limit(cls, value: str | None) -> str | None:
-        if value is not None and value != "primary_nodes":
-            raise ValueError(f"node_limit={value!r} is unknown; choose 'primary_nodes' or None")
-        return value
-
-    @field_validator("node_scope")
-    @classmethod
-    def _known_node_scope(cls, value: str) -> str:
-        if value not in ("node", "rank"):
-            raise ValueError(f"node_scope={value!r} is unknown; choose 'node' or 'rank'")
+    def _known_choice(cls, value: str | None, info) -> str | None:
+        allowed = {"scope": ("ep_group", "rank"), "node_limit": ("primary_nodes", None), "node_scope": ("node", "rank")}
+        if value not in allowed[info.field_name]:
+            choices = " or ".join(map(repr, allowed[info.field_name]))
+            raise ValueError(f"{info.field_name}={value!r} is unknown; choose {choices}")
         return value
 
     @field_validator("threshold")
@@ -116,15 +111,52 @@ class SereConfig(BaseModel):
             raise ValueError("node_limit applies to policies 'sere', 'sere-err' and 'oea', not 'topk'")
         if self.node_limit is not None and self.locality_epsilon is not None:
             raise ValueError("set either node_limit or locality_epsilon, not both")
+        if self.schedule is not None and self.policy != TUNED:
+            raise ValueError(f"schedule={self.schedule!r} needs policy={TUNED!r}, not {self.policy!r}")
         if self.max_nodes is not None and self.node_limit is None:
             raise ValueError(f"max_nodes={self.max_nodes} needs node_limit='primary_nodes'")
         return self
 
+    @model_validator(mode="after")
+    def _xshare_fields(self) -> "SereConfig":
+        if self.policy == "xshare" and self.max_distinct is None:
+            raise ValueError("policy 'xshare' needs max_distinct (its expert budget B), got None")
+        if self.policy == "xshare" and self.node_limit is not None:
+            raise ValueError(f"node_limit={self.node_limit!r} does not apply to policy 'xshare' "
+                             "(it selects its experts for the whole batch)")
+        return self
+
+    def at(self, step_tokens: int) -> "SereConfig":
+        """The config that applies to a decode step of `step_tokens` tokens: self, or with
+        policy "tuned" the schedule's bucket config."""
+        if self.policy != TUNED:
+            return self
+        return self.loaded_schedule().config_for(step_tokens)
+
+    def bucket_configs(self) -> tuple["SereConfig", ...]:
+        """Every config this one may apply: (self,), or a schedule's one per bucket."""
+        return self.loaded_schedule().configs if self.policy == TUNED else (self,)
+
+    def loaded_schedule(self):
+        """The validated `sere.schedule.Schedule` of policy "tuned" (cached per path)."""
+        if self.schedule is None:
+            raise ValueError(f"policy={TUNED!r} needs schedule= (the file `sere tune` writes)")
+        return _load_schedule(self.schedule)
+
     def check_model(self, top_k: int, num_experts: int) -> None:
         """Raise ValueError naming the field if this config cannot apply to the model."""
-        if self.policy != "topk" and self.num_primary >= top_k:
+        if self.policy == TUNED:
+            self.loaded_schedule().check_model(num_experts=num_experts, top_k=top_k)
+        elif self.policy != "topk" and self.num_primary >= top_k:
             raise ValueError(
                 f"num_primary={self.num_primary} must be smaller than the model's top_k={top_k}"
             )
         if num_experts < 2:
             raise ValueError(f"num_experts={num_experts}: re-routing needs at least 2 experts")
+
+
+@lru_cache(maxsize=16)
+def _load_schedule(path: str):
+    from sere.schedule import load_schedule
+
+    return load_schedule(path)

@@ -23,6 +23,9 @@ The [6] stats of `reroute_err_with_stats` and `oea_with_stats` follow ERR_STAT_F
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 import torch
 
 from sere.reference import STAT_FIELDS
@@ -103,12 +106,8 @@ def _check_reroute_weights(topk_ids: torch.Tensor, topk_weights: torch.Tensor) -
 
 
 def reroute_with_stats(
-    topk_ids: torch.Tensor,
-    topk_weights: torch.Tensor,
-    similarity: torch.Tensor,
-    num_primary: int,
-    threshold: float = 0.0,
-    primary: torch.Tensor | None = None,
+    topk_ids: torch.Tensor, topk_weights: torch.Tensor, similarity: torch.Tensor, num_primary: int,
+    threshold: float = 0.0, primary: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """SERE re-routing (docs/spec.md) plus its statistics, without a host sync.
 
@@ -136,33 +135,10 @@ def reroute_with_stats(
     return new_ids, topk_weights, stats
 
 
-def reroute(
-    topk_ids: torch.Tensor,
-    topk_weights: torch.Tensor,
-    similarity: torch.Tensor,
-    num_primary: int,
-    threshold: float = 0.0,
-    primary: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """SERE re-routing: (new topk_ids [T, K] same dtype, topk_weights unchanged).
-
-    Arguments as in `reroute_with_stats`.
-    """
-    new_ids, _, _ = reroute_with_stats(topk_ids, topk_weights, similarity, num_primary, threshold, primary)
-    return new_ids, topk_weights
-
-
 def reroute_err_with_stats(
-    topk_ids: torch.Tensor,
-    topk_weights: torch.Tensor,
-    error: torch.Tensor,
-    num_primary: int,
-    tolerance: float = 1.0,
-    keep_cost: float = float("inf"),
-    max_distinct: int | None = None,
-    renormalize: bool = False,
-    primary: torch.Tensor | None = None,
-    router_scores: torch.Tensor | None = None,
+    topk_ids: torch.Tensor, topk_weights: torch.Tensor, error: torch.Tensor, num_primary: int,
+    tolerance: float = 1.0, keep_cost: float = float("inf"), max_distinct: int | None = None,
+    renormalize: bool = False, primary: torch.Tensor | None = None, router_scores: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Error-aware re-routing (`sere-err`, sere.reference.sere_err_reference) plus statistics,
     without a host sync.
@@ -205,34 +181,8 @@ def reroute_err_with_stats(
     )
 
 
-def reroute_err(
-    topk_ids: torch.Tensor,
-    topk_weights: torch.Tensor,
-    error: torch.Tensor,
-    num_primary: int,
-    tolerance: float = 1.0,
-    keep_cost: float = float("inf"),
-    max_distinct: int | None = None,
-    renormalize: bool = False,
-    primary: torch.Tensor | None = None,
-    router_scores: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Error-aware re-routing: (new topk_ids [T, K], new topk_weights [T, K]), same dtypes.
-
-    Arguments as in `reroute_err_with_stats`.
-    """
-    new_ids, new_weights, _ = reroute_err_with_stats(
-        topk_ids, topk_weights, error, num_primary, tolerance, keep_cost, max_distinct, renormalize, primary,
-        router_scores,
-    )
-    return new_ids, new_weights
-
-
 def oea_with_stats(
-    topk_ids: torch.Tensor,
-    topk_weights: torch.Tensor,
-    router_scores: torch.Tensor,
-    num_primary: int,
+    topk_ids: torch.Tensor, topk_weights: torch.Tensor, router_scores: torch.Tensor, num_primary: int,
     primary: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Opportunistic Expert Activation (sere.reference.oea_reference) plus statistics, no host sync.
@@ -260,16 +210,38 @@ def oea_with_stats(
     return torch.ops.sere.oea(topk_ids, topk_weights, router_scores, num_primary, primary)
 
 
-def oea(
-    topk_ids: torch.Tensor,
-    topk_weights: torch.Tensor,
-    router_scores: torch.Tensor,
-    num_primary: int,
-    primary: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """OEA: (new topk_ids [T, K], new topk_weights [T, K]); arguments as in `oea_with_stats`."""
-    new_ids, new_weights, _ = oea_with_stats(topk_ids, topk_weights, router_scores, num_primary, primary)
-    return new_ids, new_weights
+def _without_stats(with_stats, name: str, doc: str):
+    """`with_stats` minus its last output (the stats): the same arguments (and signature), the
+    same checks and kernels."""
+
+    @functools.wraps(with_stats)
+    def without_stats(*args, **kwargs):
+        return with_stats(*args, **kwargs)[:-1]
+
+    without_stats.__name__ = without_stats.__qualname__ = name
+    without_stats.__doc__ = doc
+    returns = "tuple[torch.Tensor, torch.Tensor]"
+    without_stats.__signature__ = inspect.signature(with_stats).replace(return_annotation=returns)
+    return without_stats
+
+
+reroute = _without_stats(
+    reroute_with_stats, "reroute",
+    """SERE re-routing: (new topk_ids [T, K] same dtype, topk_weights unchanged).
+
+    Arguments as in `reroute_with_stats`.
+    """,
+)
+reroute_err = _without_stats(
+    reroute_err_with_stats, "reroute_err",
+    """Error-aware re-routing: (new topk_ids [T, K], new topk_weights [T, K]), same dtypes.
+
+    Arguments as in `reroute_err_with_stats`.
+    """,
+)
+oea = _without_stats(
+    oea_with_stats, "oea", """OEA: (new topk_ids [T, K], new topk_weights [T, K]); arguments as in `oea_with_stats`."""
+)
 
 
 def primary_mask(topk_ids: torch.Tensor, num_experts: int, num_primary: int) -> torch.Tensor:

@@ -7,8 +7,8 @@
 Every caller (the vLLM hook, the HF hook, the EP dispatch, `sere.hf.evaluate`, the benchmarks)
 calls `route`; none of them branches on the policy name. What a policy needs is asked with
 `matrix_kind(cfg)` (which per-layer sidecar to load) and `needs_router_scores(cfg)`. Every policy
-runs through the compiled ops of `sere.ops`; `sere.reference` is the readable specification the
-tests compare against (docs/spec.md).
+runs through the compiled ops of `sere.ops` (xshare: the ATen ops of `sere.xshare`);
+`sere.reference` is the readable specification the tests compare against (docs/spec.md).
 
 Shape legend: T tokens of the step, K top-k slots, E routed experts, S num_primary.
 """
@@ -23,6 +23,7 @@ import torch
 
 from sere import ops
 from sere.locality import allowed_experts, locality_reroute, node_oea, node_sere, node_sere_err
+from sere.xshare import xshare_with_stats
 
 if TYPE_CHECKING:  # SereConfig needs pydantic; this module does not
     from sere.config import SereConfig
@@ -30,6 +31,7 @@ if TYPE_CHECKING:  # SereConfig needs pydantic; this module does not
 __all__ = [
     "POLICIES",
     "STAT_FIELDS",
+    "TUNED",
     "Routed",
     "check_inputs",
     "config_fingerprint",
@@ -43,7 +45,10 @@ __all__ = [
 ]
 
 # The policy names: the only place they are spelled (SereConfig, the CLIs and the hooks read it).
-POLICIES = ("topk", "sere", "oea", "sere-err")
+POLICIES = ("topk", "sere", "oea", "sere-err", "xshare")
+
+# Not a rule of its own: follow the schedule `sere tune` made (SereConfig.at picks the bucket's config).
+TUNED = "tuned"
 
 # The [6] int64 statistics of one routed step.
 STAT_FIELDS = (
@@ -69,13 +74,18 @@ class Routed(NamedTuple):
 
 
 def matrix_kind(cfg: "SereConfig") -> str | None:
-    """"similarity", "substitution_error" or None: the per-layer matrix `cfg.policy` reads."""
+    """"similarity", "substitution_error" or None: the per-layer matrix `cfg.policy` reads
+    (with policy "tuned": the one its schedule's buckets read)."""
+    if cfg.policy == TUNED:
+        return next((kind for bucket in cfg.bucket_configs() if (kind := matrix_kind(bucket))), None)
     return _MATRIX_KIND.get(cfg.policy)
 
 
 def needs_router_scores(cfg: "SereConfig") -> bool:
     """Whether `route` needs the router's [T, E] post-activation scores (OEA, refill)."""
-    return cfg.policy == "oea" or (cfg.policy == "sere-err" and cfg.refill)
+    if cfg.policy == TUNED:
+        return any(needs_router_scores(bucket) for bucket in cfg.bucket_configs())
+    return cfg.policy in ("oea", "xshare") or (cfg.policy == "sere-err" and cfg.refill)
 
 
 def config_fingerprint(cfg: "SereConfig") -> int:
@@ -99,8 +109,8 @@ def router_scores(router_logits: torch.Tensor, scoring_func: str, num_experts: i
 
 def label(cfg: "SereConfig") -> str:
     """A short human label, e.g. "sere S=2 rho=0.0" or "sere-err S=4 tol=0.6 renorm refill"."""
-    if cfg.policy == "topk":
-        return "topk"
+    if cfg.policy in ("topk", TUNED):
+        return cfg.policy if cfg.schedule is None else f"{cfg.policy} {cfg.schedule}"
     text = f"{cfg.policy} S={cfg.num_primary}"
     if cfg.policy == "sere":
         text += f" q={cfg.threshold_quantile}" if cfg.threshold_quantile is not None else f" rho={cfg.threshold}"
@@ -113,6 +123,8 @@ def label(cfg: "SereConfig") -> str:
         text += "" if cfg.max_distinct is None else f" max={cfg.max_distinct}"
         text += " renorm" if cfg.renormalize else ""
         text += " refill" if cfg.refill else ""
+    if cfg.policy == "xshare":
+        text += f" B={cfg.max_distinct}"
     return text
 
 
@@ -175,14 +187,18 @@ def route(
             step's own.
         placement: an expert placement (`expert_to_rank` [E], `expert_to_node()` [E]) for the
             locality-aware targets (`cfg.locality_epsilon`) and node-aware routing (`cfg.node_limit`).
-        step_tokens: tokens that decide whether the step is decode-sized (an EP group's total);
-            default T. Steps with 0 or more than `cfg.max_decode_tokens` tokens are left alone.
+        step_tokens: tokens that decide whether the step is decode-sized (an EP group's total),
+            and with policy "tuned" which bucket's config applies (its own threshold, not
+            `threshold`); default T. Steps with 0 or more than `cfg.max_decode_tokens` tokens
+            are left alone.
     Returns:
         Routed(ids, weights, stats, rerouted). Re-routed: ids/weights in descending-weight slot
         order, dtypes of the inputs. Left alone: the inputs themselves.
     """
     num_tokens = topk_ids.shape[0]
     step_tokens = num_tokens if step_tokens is None else step_tokens
+    if cfg.policy == TUNED:
+        cfg, threshold = cfg.at(step_tokens), None
     if cfg.policy == "topk" or not 0 < step_tokens <= cfg.max_decode_tokens:
         return Routed(topk_ids, topk_weights, _unchanged_stats(topk_ids, num_experts), False)
     check_inputs(cfg, topk_ids, num_experts, matrix, router_scores)
@@ -261,6 +277,10 @@ def _oea(cfg, ids, weights, matrix, threshold, router_scores, primary, placement
     return ops.oea_with_stats(ids, weights, router_scores, cfg.num_primary, primary)
 
 
+def _xshare(cfg, ids, weights, matrix, threshold, router_scores, primary, placement):
+    return xshare_with_stats(ids, weights, router_scores, primary, cfg.max_distinct)
+
+
 def _sere_err(cfg, ids, weights, matrix, threshold, router_scores, primary, placement):
     return ops.reroute_err_with_stats(
         ids, weights, matrix.contiguous(), cfg.num_primary, cfg.tolerance,
@@ -291,5 +311,5 @@ def _node_aware(cfg, ids, weights, matrix, threshold, router_scores, primary, pl
     return new_ids, new_weights, torch.cat([stats[:5], dropped.sum().reshape(1).to(torch.int64)])
 
 
-_POLICY_FNS = {"sere": _sere, "oea": _oea, "sere-err": _sere_err}
+_POLICY_FNS = {"sere": _sere, "oea": _oea, "sere-err": _sere_err, "xshare": _xshare}
 assert set(_POLICY_FNS) | {"topk"} == set(POLICIES)

@@ -1,11 +1,14 @@
 """Plain per-token loop oracles of every routing policy, written from the rules in docs/spec.md.
 
 Independent of `sere`: no vectorisation, no import of `sere.reference`, `sere.ops` or
-`sere.policy`. Inputs are torch tensors or nested lists; everything is turned into Python lists
-and floats first, and every rule is a loop over tokens and slots. Float32 comparisons are
-reproduced exactly: float32/bfloat16/float16 values are exact as Python floats, and `f32` rounds a
-Python float (a threshold, a product) the way float32 arithmetic does (double rounding is harmless
-for one +, -, * of two float32 values).
+`sere.policy`. Inputs are torch tensors (any device) or nested lists; everything is turned into
+Python lists and floats first, and every rule is a loop over tokens and slots. Float32 comparisons
+are exact: float32/bfloat16/float16 values are exact as Python floats, `f32` rounds a Python
+float (a threshold, a product) as float32 arithmetic does, `rounded` stores one in the weights'
+dtype. A NaN similarity / error to P leaves an expert without a target; a NaN router score holds
+its rank in the fill order but fills nothing, -inf never fills. The policies return an `Outcome`
+(`stats` counts it); `loop_reroute` / `loop_sere_err` / `loop_oea` return what the compiled ops
+return, as lists. tests/test_oracle.py checks the oracles by hand.
 
 Shape legend: T tokens, K top-k slots, E experts, S num_primary.
 """
@@ -45,14 +48,14 @@ def as_rows(x) -> list:
     return [list(row) for row in x]
 
 
+def rounded(x: float, dtype) -> float:
+    """`x` stored in a tensor of `dtype` (the weights keep their dtype); as it is for lists (None)."""
+    return x if dtype is None else torch.tensor(x, dtype=torch.float64).to(dtype).item()
+
+
 def as_list(x) -> list:
     """A 1-D tensor or list as a list of Python numbers."""
     return x.tolist() if hasattr(x, "tolist") else list(x)
-
-
-def is_nan(x: float) -> bool:
-    """Whether `x` is NaN (the only value unequal to itself)."""
-    return x != x
 
 
 def sort_slots(ids, weights) -> tuple[list, list]:
@@ -72,13 +75,20 @@ def primary_set(ids, num_primary: int, primary=None) -> set:
     return {row[s] for row in as_rows(ids) for s in range(num_primary)}
 
 
+def fill_order(scores_row: list, candidates) -> list:
+    """Candidates in the spec's fill order: NaN first, then highest score, ties lowest id;
+    experts at -inf never fill and are left out."""
+    kept = [e for e in candidates if scores_row[e] != -INF]
+    return sorted(kept, key=lambda e: (0, 0.0, e) if math.isnan(scores_row[e]) else (1, -scores_row[e], e))
+
+
 def most_similar_primary(sim_row: list, primaries: set):
     """(p*, sim) with p* the most similar primary (lowest id on ties); (None, None) when there is
     nothing to re-route to: P empty, any similarity to P NaN, or every one of them -inf."""
     best, best_val = None, -INF
     for p in sorted(primaries):
         value = sim_row[p]
-        if is_nan(value):
+        if math.isnan(value):
             return None, None
         if value > best_val:
             best, best_val = p, value
@@ -106,20 +116,20 @@ def sere(ids, weights, sim, num_primary: int, threshold: float = 0.0, primary=No
 
 
 def oea(ids, weights, router_scores, num_primary: int, primary=None) -> Outcome:
-    """OEA: keep the top-S; the other slots take, by the token's router score (lowest id on
-    ties), the experts of P not among the token's top-S; unfilled slots repeat slot 0 with score 0.
-    Weights: the scores rescaled to the token's original weight sum."""
+    """OEA: keep the top-S; the other slots take, in fill order of the token's router scores, the
+    experts of P not among its top-S; an unfilled slot (nothing left, or a NaN score) repeats
+    slot 0 with score 0. Weights: the scores rescaled to the token's original weight sum."""
     ids, weights, scores = as_rows(ids), as_rows(weights), as_rows(router_scores)
     primaries = primary_set(ids, num_primary, primary)
     out_ids, out_w, unfilled = [], [], 0
     for t, row in enumerate(ids):
-        head = row[:num_primary]
-        ranked = sorted((p for p in primaries if p not in head), key=lambda p: (-scores[t][p], p))
-        tail = ranked[: len(row) - num_primary]
-        raw = [scores[t][e] for e in head + tail] + [0.0] * (len(row) - num_primary - len(tail))
-        unfilled += len(row) - num_primary - len(tail)
+        head, width = row[:num_primary], len(row) - num_primary
+        order = fill_order(scores[t], [p for p in sorted(primaries) if p not in head])[:width]
+        tail = [e if not math.isnan(scores[t][e]) else None for e in order] + [None] * (width - len(order))
+        unfilled += tail.count(None)
+        raw = [scores[t][e] for e in head] + [0.0 if e is None else scores[t][e] for e in tail]
         scale = sum(weights[t]) / max(sum(raw), 1e-20)
-        out_ids.append(head + tail + [row[0]] * (len(row) - num_primary - len(tail)))
+        out_ids.append(head + [row[0] if e is None else e for e in tail])
         out_w.append([r * scale for r in raw])
     return Outcome(out_ids, out_w, 0, unfilled)
 
@@ -130,7 +140,7 @@ def best_substitute(err_row: list, primaries: set):
     best, best_err = None, INF
     for p in sorted(primaries):
         value = err_row[p]
-        if is_nan(value):
+        if math.isnan(value):
             return None, INF
         if best is None or value < best_err:
             best, best_err = p, value
@@ -161,7 +171,9 @@ def sere_err(ids, weights, error, num_primary: int, tolerance: float = 1.0, keep
              router_scores=None) -> Outcome:
     """sere-err: per secondary slot outside P, keep it (weighted error > keep_cost, within the
     budget of distinct experts by summed cost), else substitute p* (error < tolerance), else drop
-    (slot-0 id, weight 0). Then refill dropped slots (router_scores) and renormalise."""
+    (slot-0 id, weight 0). Then refill dropped slots (router_scores) and renormalise (a token
+    whose new weights sum to 0 gets NaN weights, as 0 / 0)."""
+    dtype = getattr(weights, "dtype", None)
     ids, weights, error = as_rows(ids), as_rows(weights), as_rows(error)
     primaries = primary_set(ids, num_primary, primary)
     slots, kept = _sere_err_decisions(ids, weights, error, num_primary, keep_cost, max_distinct, primaries)
@@ -178,27 +190,27 @@ def sere_err(ids, weights, error, num_primary: int, tolerance: float = 1.0, keep
     if router_scores is not None:
         loaded = primaries | {ids[t][s] for t, s in kept}
         live = [(t, s) for t, s in dropped if weights[t][s] != 0]
-        refill(out_ids, out_w, live, loaded, as_rows(router_scores), ids, weights)
+        refill(out_ids, out_w, live, loaded, as_rows(router_scores), ids, weights, dtype)
     if renormalize:
         for t in range(len(ids)):
-            scale = sum(weights[t]) / sum(out_w[t])
-            out_w[t] = [w * scale for w in out_w[t]]
+            total = sum(out_w[t])
+            out_w[t] = [w * sum(weights[t]) / total if total else math.nan for w in out_w[t]]
     return Outcome(out_ids, out_w, len(kept), len(dropped))
 
 
-def refill(out_ids, out_w, live, loaded, scores, ids, weights) -> None:
+def refill(out_ids, out_w, live, loaded, scores, ids, weights, dtype=None) -> None:
     """In place: each token's dropped slots, in slot order, take the loaded experts it has not
-    chosen, highest router score first (lowest id on ties), weight = score x the token's
-    weight/score scale; a slot with no expert left stays dropped."""
+    chosen, in fill order of its router scores, weight = score x the token's weight/score scale
+    (rounded to `dtype`); a slot with no expert left, or whose pick has a NaN score, stays dropped."""
     for t in range(len(ids)):
         mine = [s for tt, s in live if tt == t]
         if not mine:
             continue
-        chosen = set(out_ids[t])
-        ranked = sorted((e for e in loaded if e not in chosen), key=lambda e: (-scores[t][e], e))
+        ranked = fill_order(scores[t], [e for e in sorted(loaded) if e not in out_ids[t]])
         scale = sum(weights[t]) / max(sum(scores[t][e] for e in ids[t]), 1e-20)
         for s, e in zip(mine, ranked):
-            out_ids[t][s], out_w[t][s] = e, scores[t][e] * scale
+            if not math.isnan(scores[t][e]):
+                out_ids[t][s], out_w[t][s] = e, rounded(scores[t][e] * scale, dtype)
 
 
 def sere_locality(ids, weights, sim, num_primary: int, expert_to_rank, expert_to_node, epsilon: float,
@@ -266,6 +278,31 @@ def route(cfg, topk_ids, topk_weights, *, num_experts: int, matrix=None, thresho
         out = sere_err(ids, weights, matrix, S, cfg.tolerance, keep_cost, cfg.max_distinct, cfg.renormalize,
                        primary, router_scores if cfg.refill else None)
     return out.ids, out.weights, stats(ids, out, primary_set(ids, S, primary)), True
+
+
+def _op_outputs(topk_ids, out: Outcome, num_primary: int, primary) -> tuple[list, list, list]:
+    """(ids, weights, [6] stats) of an outcome, as the compiled ops return them."""
+    return out.ids, out.weights, stats(topk_ids, out, primary_set(topk_ids, num_primary, primary))
+
+
+def loop_reroute(topk_ids, similarity, num_primary, threshold=0.0, primary=None) -> tuple[list, list]:
+    """sere::reroute's outputs: ([T, K] ids, [5] stats in STAT_FIELDS order). Weights pass through."""
+    out = sere(topk_ids, topk_ids, similarity, num_primary, threshold, primary)
+    ids, _, counts = _op_outputs(topk_ids, out, num_primary, primary)
+    return ids, counts[:5]
+
+
+def loop_sere_err(topk_ids, topk_weights, error, num_primary, tolerance=1.0, keep_cost=INF, max_distinct=None,
+                  renormalize=False, primary=None, router_scores=None) -> tuple[list, list, list]:
+    """sere::reroute_err's outputs (dropped_slots counts the drops before a refill)."""
+    out = sere_err(topk_ids, topk_weights, error, num_primary, tolerance, keep_cost, max_distinct, renormalize,
+                   primary, router_scores)
+    return _op_outputs(topk_ids, out, num_primary, primary)
+
+
+def loop_oea(topk_ids, topk_weights, router_scores, num_primary, primary=None) -> tuple[list, list, list]:
+    """sere::oea's outputs (critical_slots 0, dropped_slots = unfilled slots)."""
+    return _op_outputs(topk_ids, oea(topk_ids, topk_weights, router_scores, num_primary, primary), num_primary, primary)
 
 
 def error_matrix(num_experts: int, entries: dict) -> torch.Tensor:

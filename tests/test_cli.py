@@ -31,7 +31,10 @@ OPTIONS = {
     "evaluate": ["--model", "--text", "--batch-size", "--policy", "--num-primary", "--threshold",
                  "--threshold-quantile", "--similarity", "--error", "--tolerance", "--keep-cost", "--max-distinct",
                  "--renormalize", "--refill", "--seq-len", "--num-batches", "--num-sequences", "--max-text-tokens",
-                 "--json", "--png", "--ep-size", "--ranks-per-node", "--node-limit", "--max-nodes", "--threads"],
+                 "--json", "--png", "--ep-size", "--ranks-per-node", "--node-limit", "--max-nodes", "--threads",
+                 "--schedule"],
+    "tune": ["--model", "--text", "--max-ppl-increase", "--confidence", "--out", "--policies", "--error", "--seq-len",
+             "--num-sequences", "--min-batches", "--max-text-tokens", "--threads"],
 }
 
 
@@ -60,7 +63,7 @@ def test_sere_help_lists_every_command_with_one_line():
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("usage: sere ")
     commands = proc.stdout.split("\ncommands:\n", 1)[1].split("\n\n", 1)[0].splitlines()
-    assert [line.split()[0] for line in commands] == ["calibrate", "substitution", "evaluate"]
+    assert [line.split()[0] for line in commands] == ["calibrate", "substitution", "evaluate", "tune"]
     assert all(len(line.split()) > 3 for line in commands), commands  # a summary after each name
 
 

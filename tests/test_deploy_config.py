@@ -32,8 +32,9 @@ def test_serve_config_is_the_tiny_model_on_cpu_with_sere():
     assert app["import_path"] == "deploy.app:build_app"
     args = parse_args(app["args"])
     assert args.engine.device == "cpu"
-    assert args.sere is not None and (args.sere.policy, args.sere.num_primary) == ("sere-err", 4)
+    assert args.sere is not None and (args.sere.policy, args.sere.schedule) == ("tuned", None)
     assert args.model_path == "models/tiny-moe"
+    assert os.path.isfile(os.path.join(REPO, args.model_path, "sere_schedule.json"))
     # Fits a 2-core machine: engine bundle + replica actor + ingress below 2 CPUs.
     cpus = sum(b.get("CPU", 0) for b in args.placement.bundles)
     assert cpus + args.replica.num_cpus + args.ingress.num_cpus <= 1.0
@@ -166,6 +167,37 @@ def test_api_key_accepts_the_key_and_leaves_health_open(keyed_app):
     assert keyed_app.get("/v1/models", headers={"Authorization": "Bearer s3cret"}).status_code == 200
     assert keyed_app.get("/v1/models", headers={"authorization": "bearer s3cret"}).status_code == 200
     assert keyed_app.get("/health").status_code == 200
+
+
+@pytest.mark.parametrize("path, root_path, opened", [
+    ("/off/health", "/off", True),        # Ray Serve: full path, the app's route prefix as root_path
+    ("/health", "", True),
+    ("/off/v1/models", "/off", False),
+    ("/offhealth", "/off", False),        # not under the prefix: the whole path is checked
+    ("/other/health", "/off", False),
+])
+def test_api_key_open_paths_are_inside_the_apps_route_prefix(path, root_path, opened):
+    import asyncio
+
+    from deploy.http_guards import ApiKeyMiddleware
+
+    reached, sent = [], []
+
+    async def app(scope, receive, send):
+        reached.append(scope["path"])
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    guard = ApiKeyMiddleware(app, get_key=lambda: "s3cret", open_paths=frozenset({"/health"}))
+    scope = {"type": "http", "method": "GET", "path": path, "root_path": root_path, "headers": []}
+    asyncio.run(guard(scope, receive, send))
+    assert bool(reached) == opened
+    if not opened:
+        assert sent[0]["status"] == 401
 
 
 # ------------------------------------------------------------------------- cluster configs

@@ -129,6 +129,21 @@ def test_gpu_test_files_follow_imports_through_local_modules(tmp_path):
     }
 
 
+def test_gpu_route_capture_cases_are_valid_sere_configs():
+    """tests/test_gpu_route_capture.py builds its configs without pydantic (absent on the GPU
+    machine), from SereConfig's source: each case must be a valid SereConfig with the same values,
+    and the cases must cover every policy."""
+    import test_gpu_route_capture as capture  # (inside: its gpu tests are not collected here)
+    from sere.config import SereConfig
+    from sere.policy import POLICIES
+
+    assert {overrides["policy"] for _, overrides in capture.CASES} == set(POLICIES)
+    for name, overrides in capture.CASES:
+        assert vars(capture.plain_config(**overrides)) == SereConfig(**overrides).model_dump(), name
+    with pytest.raises(ValueError, match="not SereConfig fields"):
+        capture.plain_config(polcy="sere")
+
+
 def test_probe_names_a_package_absent_on_the_gpu_machine():
     code = ("import pydantic, sys; sys.path.insert(0, 'benchmarks'); import device_probe; "
             "device_probe.main(['imports', '--expect', 'cpu'])")
@@ -156,6 +171,7 @@ def test_dry_run_emulates_the_gpu_machine(tmp_path):
     gpu_files = {path.stem for path in (REPO / "tests").glob("test_*.py") if GPU_MARK.search(path.read_text())}
     left_out = {name for name in gpu_files if f"tests/{name}.py: gpu tests not run" in (out / "device_check.log").read_text()}
     assert "test_reroute_gpu" in modules and modules == gpu_files - left_out, (modules, gpu_files, left_out)
+    assert "test_gpu_route_capture" in modules  # the hook's CUDA-graph capture, needing no vLLM/pydantic
     for case in cases:
         skipped = case.find("skipped")
         assert skipped is not None and "needs a CUDA GPU" in skipped.get("message"), case.get("name")

@@ -4,7 +4,14 @@ import pytest
 import torch
 
 from sere.ep import brute_force_traffic, linear_placement, round_robin_placement, traffic
-from sere.ep.accounting import UNIT_FIELDS, eplb_physical_ids, merge_duplicate_slots, unit_bytes, unit_counts
+from sere.ep.accounting import (
+    UNIT_FIELDS,
+    duplicate_slots,
+    eplb_physical_ids,
+    merge_duplicate_slots,
+    unit_bytes,
+    unit_counts,
+)
 
 
 def test_golden_counts():
@@ -98,6 +105,20 @@ def test_merge_duplicate_slots_hand_worked():
     mid, mw = merge_duplicate_slots(ids, w)
     assert mid.tolist() == [[0, 1, -1, -1], [3, -1, 2, -1], [5, 6, 7, 8]]
     assert torch.allclose(mw, torch.tensor([[0.7, 0.3, 0.0, 0.0], [0.75, 0.0, 0.25, 0.0], [0.1, 0.2, 0.3, 0.4]]))
+
+
+def test_duplicate_slots_hand_worked():
+    ids = torch.tensor([[0, 1, 0, 0], [3, -1, -1, 3], [5, 6, 7, 8]])
+    assert duplicate_slots(ids).tolist() == [[False, False, True, True], [False, False, False, True], [False] * 4]
+
+
+def test_unit_counts_with_the_node_count_given_as_the_live_hook_calls_it():
+    # the vLLM hook passes num_nodes (no host read of the map) and an int source rank
+    gen = torch.Generator().manual_seed(5)
+    owner, node = torch.arange(16) // 4, torch.tensor([0, 0, 1, 1])
+    ids = torch.randint(-1, 16, (12, 4), generator=gen)
+    got = dict(zip(UNIT_FIELDS, unit_counts(ids, owner, node, 3, num_nodes=2).tolist()))
+    assert got == loop_unit_counts(ids.tolist(), owner.tolist(), node.tolist(), [3] * 12)
 
 
 def test_merge_keeps_moe_output_and_cuts_token_expert_rows():

@@ -10,8 +10,9 @@ import random
 
 import pytest
 import torch
+from oracle import loop_oea, loop_sere_err
+from test_gpu_route_capture import capture
 from test_oea_op import random_oea_call
-from test_op_oracles import loop_oea, loop_sere_err
 from test_reroute_err_op import KNOBS, case_name, compare, expected, random_call, random_refill_call, sample
 
 import sere.ops
@@ -118,15 +119,7 @@ def test_err_graph_capture_and_replay(refill):
 def _capture(fill, step):
     """(graph, outputs) of `step` captured after `fill(0)` and one warm-up run."""
     fill(0)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up off the capture, as torch.cuda.graphs recommends
-        step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = step()
-    return graph, out
+    return capture(step, warmups=1)
 
 
 def _replay(graph):

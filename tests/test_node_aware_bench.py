@@ -30,3 +30,21 @@ def test_records_and_token_node_bytes_match_loop():
         assert got["cross_node_bytes"] == pairs / 2 * 8 * 2  # mean over 2 steps x hidden 8 x 2 bytes
     ratio = [r["cross_node_bytes"] for r in records if r["unit"] == "token_node" and r["merged"]]
     assert ratio[1] < ratio[0]
+
+
+def test_node_price_runs_through_the_hf_hook():
+    """The price harness decodes tiny-moe through `sere.hf.moe` (it once broke silently when the hook
+    began passing `placement=`); node-aware S=2 keeps each token on its top-2 experts' nodes."""
+    import argparse
+
+    from benchmarks.harness import node_price
+
+    args = argparse.Namespace(model="models/tiny-moe", batch_sizes=[4], num_batches=2, seq_len=6, ep_size=8,
+                              ranks_per_node=2, policies=["sere-node S=2"])
+    records = {r["policy"]: r for r in node_price.run(args)}
+    assert set(records) == {"topk", "sere-node S=2"}
+    assert records["topk"]["perplexity_change"] == 0.0 and records["topk"]["cross_node_ratio_token_node"] == 1.0
+    node = records["sere-node S=2"]
+    assert node["perplexity_change_se"] is not None and node["num_batches"] == 2
+    # 4 nodes of 16 experts; a token's 8 slots reach at most its top-2 experts' <= 2 nodes (of 4)
+    assert node["cross_node_ratio_token_node"] < 1.0

@@ -10,7 +10,7 @@ import random
 
 import pytest
 import torch
-from test_op_oracles import loop_oea
+from oracle import loop_oea
 
 import sere.ops
 

@@ -11,15 +11,13 @@ import random
 
 import pytest
 import torch
-from test_op_oracles import loop_sere_err
+from oracle import error_matrix, loop_sere_err
 
 import sere.ops
 from sere.ops import ERR_STAT_FIELDS
 from sere.reference import STAT_FIELDS
 
 INF = math.inf
-
-from oracle import error_matrix  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("compiled_op")  # fails, never skips, without sere._C
 

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from test_op_oracles import loop_sere_err
+from oracle import loop_sere_err
 from test_reroute_err_op import compare, sample
 
 import sere.ops
@@ -40,24 +40,17 @@ def _base():
 
 
 def _with(**changes):
-    args = _base()
-    args.update(changes)
-    return args
+    return {**_base(), **changes}
 
 
-# (id, arguments, exception type, regex the message must match)
+# (id, arguments, exception type, regex the message must match): the arguments of sere-err
+# first, then those it shares with sere::reroute (tests/test_reroute_errors.py)
 ERROR_CASES = [
-    ("ids_1d", _with(topk_ids=torch.arange(3), topk_weights=torch.rand(3)), ValueError,
-     r"topk_ids must be 2-D \[num_tokens, top_k\], got shape \[3\]"),
-    ("ids_float", _with(topk_ids=torch.zeros(2, 3)), TypeError, r"topk_ids must be int32 or int64, got float32"),
-    ("ids_not_contiguous", _with(topk_ids=torch.zeros(3, 2, dtype=torch.long).t()), ValueError,
-     r"topk_ids must be contiguous"),
-    ("ids_too_large", _with(topk_ids=torch.tensor([[0, 1, 2], [3, 0, 4]])), ValueError,
-     r"topk_ids\[1, 2\] = 4 is outside \[0, num_experts=4\)"),
-    ("ids_negative", _with(topk_ids=torch.tensor([[0, -1, 2], [3, 0, 1]], dtype=torch.int32)), ValueError,
-     r"topk_ids\[0, 1\] = -1 is outside \[0, num_experts=4\)"),
-    ("num_primary_zero", _with(num_primary=0), ValueError, r"num_primary must be in \[1, top_k=3\), got 0"),
-    ("num_primary_equals_k", _with(num_primary=3), ValueError, r"num_primary must be in \[1, top_k=3\), got 3"),
+    ("tolerance_zero", _with(tolerance=0.0), ValueError, r"tolerance must be in \(0, 1\], got 0"),
+    ("tolerance_above_one", _with(tolerance=1.5), ValueError, r"tolerance must be in \(0, 1\], got 1.5"),
+    ("tolerance_nan", _with(tolerance=float("nan")), ValueError, r"tolerance must be in \(0, 1\], got nan"),
+    ("keep_cost_negative", _with(keep_cost=-1.0), ValueError, r"keep_cost must be >= 0 \(inf: never keep\), got -1"),
+    ("keep_cost_nan", _with(keep_cost=float("nan")), ValueError, r"keep_cost must be >= 0 .* got nan"),
     ("weights_shape", _with(topk_weights=torch.rand(2, 4)), ValueError,
      r"topk_weights must have the shape of topk_ids \[2, 3\], got \[2, 4\]"),
     ("weights_int", _with(topk_weights=torch.ones(2, 3, dtype=torch.long)), TypeError,
@@ -76,11 +69,17 @@ ERROR_CASES = [
     ("error_not_contiguous", _with(error=torch.rand(4, 4).t()), ValueError, r"error must be contiguous"),
     ("ids_beyond_error", _with(error=torch.rand(3, 3)), ValueError,
      r"topk_ids\[1, 0\] = 3 is outside \[0, num_experts=3\)"),
-    ("tolerance_zero", _with(tolerance=0.0), ValueError, r"tolerance must be in \(0, 1\], got 0"),
-    ("tolerance_above_one", _with(tolerance=1.5), ValueError, r"tolerance must be in \(0, 1\], got 1.5"),
-    ("tolerance_nan", _with(tolerance=float("nan")), ValueError, r"tolerance must be in \(0, 1\], got nan"),
-    ("keep_cost_negative", _with(keep_cost=-1.0), ValueError, r"keep_cost must be >= 0 \(inf: never keep\), got -1"),
-    ("keep_cost_nan", _with(keep_cost=float("nan")), ValueError, r"keep_cost must be >= 0 .* got nan"),
+    ("ids_1d", _with(topk_ids=torch.arange(3), topk_weights=torch.rand(3)), ValueError,
+     r"topk_ids must be 2-D \[num_tokens, top_k\], got shape \[3\]"),
+    ("ids_float", _with(topk_ids=torch.zeros(2, 3)), TypeError, r"topk_ids must be int32 or int64, got float32"),
+    ("ids_not_contiguous", _with(topk_ids=torch.zeros(3, 2, dtype=torch.long).t()), ValueError,
+     r"topk_ids must be contiguous"),
+    ("ids_too_large", _with(topk_ids=torch.tensor([[0, 1, 2], [3, 0, 4]])), ValueError,
+     r"topk_ids\[1, 2\] = 4 is outside \[0, num_experts=4\)"),
+    ("ids_negative", _with(topk_ids=torch.tensor([[0, -1, 2], [3, 0, 1]], dtype=torch.int32)), ValueError,
+     r"topk_ids\[0, 1\] = -1 is outside \[0, num_experts=4\)"),
+    ("num_primary_zero", _with(num_primary=0), ValueError, r"num_primary must be in \[1, top_k=3\), got 0"),
+    ("num_primary_equals_k", _with(num_primary=3), ValueError, r"num_primary must be in \[1, top_k=3\), got 3"),
     ("primary_shape", _with(primary=torch.ones(5, dtype=torch.bool)), ValueError,
      r"primary must be a 1-D \[num_experts=4\] mask, got shape \[5\]"),
     ("primary_dtype", _with(primary=torch.ones(4, dtype=torch.uint8)), TypeError, r"primary must be bool, got uint8"),

@@ -10,7 +10,8 @@ import random
 import pytest
 import torch
 
-from test_op_oracles import loop_reroute
+from oracle import loop_reroute
+from test_gpu_route_capture import capture
 
 import sere.ops
 
@@ -105,14 +106,7 @@ def test_cuda_graph_capture_and_replay(num_tokens, external_primary):
             static_ids, static_weights, static_sim, num_primary, threshold, static_primary
         )
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up off the capture, as torch.cuda.graphs recommends
-        step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        new_ids, new_weights, stats = step()
+    graph, (new_ids, new_weights, stats) = capture(step, warmups=1)
 
     for seed in range(4):  # new contents in place, replay, compare
         ids, sim = _case(torch.Generator().manual_seed(100 + seed), num_tokens, num_experts, top_k)

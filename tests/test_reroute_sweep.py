@@ -12,7 +12,7 @@ import random
 
 import pytest
 import torch
-from test_op_oracles import loop_reroute
+from oracle import loop_reroute
 
 import sere.ops
 

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from sere.config import SereConfig
-from sere.reference import oea_reference, reroute_reference, sere_err_reference
+from sere.reference import oea_reference, reroute_reference, sere_err_reference, xshare_reference
 from sere.sidecars import ERROR_SIDECAR_NAME, load_sidecar
 from sere.vllm import exporter, metrics, plugin
 
@@ -39,6 +39,7 @@ POLICIES = {  # name -> the sere_configure fields (every field given: configure 
     "sere-err": {**_PLAIN, "policy": "sere-err", "num_primary": 4, "tolerance": 0.6, "renormalize": True},
     "sere-err-budget-refill": {**_PLAIN, "policy": "sere-err", "num_primary": 1, "tolerance": 0.6,
                                "keep_cost": 0.0, "max_distinct": 6, "renormalize": True, "refill": True},
+    "xshare": {**_PLAIN, "policy": "xshare", "num_primary": 1, "max_distinct": 12},
 }
 
 
@@ -71,6 +72,8 @@ def _expected(fields: dict, record: dict, matrices: dict) -> tuple[torch.Tensor,
                                                  fields["threshold"], primary)
     elif policy == "oea":
         new_ids, new_weights = oea_reference(ids, weights, scores, s, primary)
+    elif policy == "xshare":
+        new_ids, new_weights = xshare_reference(ids, weights, scores, s, fields["max_distinct"], primary)
     else:
         keep_cost = float("inf") if fields["keep_cost"] is None else fields["keep_cost"]
         new_ids, new_weights = sere_err_reference(
@@ -117,6 +120,8 @@ def test_compiled_hook_follows_configure_without_recompiling():
             return
         if cfg.policy == "sere":
             expected, _ = reroute_reference(own_ids, own_weights, sim, cfg.num_primary)
+        elif cfg.policy == "xshare":
+            expected, _ = xshare_reference(own_ids, own_weights, logits.softmax(-1), cfg.num_primary, cfg.max_distinct)
         else:
             expected, _ = sere_err_reference(own_ids, own_weights, error, cfg.num_primary, cfg.tolerance)
         assert torch.equal(ids.long(), expected.long()), (cfg.policy, num_tokens)
@@ -129,6 +134,7 @@ def test_compiled_hook_follows_configure_without_recompiling():
         assert hook.stats.values()[:3] == [1, 1, 6]  # steps, skipped steps, tokens
         for cfg in (SereConfig(policy="sere-err", num_primary=3, tolerance=0.5, max_decode_tokens=32),
                     SereConfig(policy="topk", max_decode_tokens=32),
+                    SereConfig(policy="xshare", num_primary=2, max_distinct=12, max_decode_tokens=32),
                     SereConfig(policy="sere", num_primary=3, max_decode_tokens=64)):
             hook.configure(cfg)
             check(5, cfg, 2)
@@ -195,7 +201,7 @@ def test_records_are_refused_at_engine_start_when_cuda_graphs_are_on(monkeypatch
     for mode, device in (("NONE", "cuda"), ("FULL_AND_PIECEWISE", "cpu")):  # no graphs: records work
         config = _vllm_config(mode, device)
         assert plugin.validate_engine_config(config).policy == "topk"
-        assert config.additional_config == {"sere": "sere::route_layer v1"}  # keys the compile cache
+        assert config.additional_config == {"sere": "sere::route_layer v2"}  # keys the compile cache
 
 
 def test_configure_is_refused_once_cuda_graphs_hold_the_config(monkeypatch):

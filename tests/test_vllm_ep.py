@@ -5,7 +5,10 @@ processes), and the expert-map translation for the CPU expert kernel (`cpu_fused
 of two EP halves equals the full layer). Slow (real engines on models/tiny-moe):
 TP=2 + enable_expert_parallel and DP=2 + enable_expert_parallel give the same greedy tokens as
 one process under policy `topk`, and under `sere` every rank re-routes against the same,
-EP-wide primary set (the OR of the ranks' own sets).
+EP-wide primary set (the OR of the ranks' own sets). In the DP=2 test (two simulated nodes, one
+rank each) the live traffic counters of every layer equal a per-token loop over the recorded
+dispatched ids, and merged slots change no output (every expert-kernel call of the run also
+computed unmerged on the same inputs: the same output, more weighted rows).
 
 Run directly (`python tests/test_vllm_ep.py dp-rank ...`) this file is one DP rank of the
 DP=2 test: vLLM's offline data parallelism needs one process per rank.
@@ -19,12 +22,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 
-from vllm_common import MODEL_DIR, PROMPTS, REPO, model_dir  # noqa: E402, F401 (a fixture)
+from test_vllm_traffic import loop_traffic  # noqa: E402 (the per-token loop oracle of the live counters)
+from vllm_common import PROMPTS, cpu_expert_kernel, model_dir  # noqa: E402, F401 (a fixture)
 
 MAX_TOKENS = 12
 ENGINE_KW = dict(  # vLLM's default mode: compiled (the expert-map fix and the routing op are traced)
@@ -119,31 +122,11 @@ def test_cpu_all_gatherv_and_reduce_scatterv_over_gloo(tmp_path):
 
 
 def test_cpu_experts_honour_the_expert_map():
-    import vllm  # noqa: F401
-    from vllm._custom_ops import cpu_prepack_moe_weight
-    from vllm.model_executor.layers.fused_moe.activation import MoEActivation
-    from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUUnquantizedExperts
-
-    from sere.vllm import ep as vllm_ep
-
-    vllm_ep.install()
     gen = torch.Generator().manual_seed(0)
-    num_experts, hidden, inter, tokens, top_k = 8, 128, 64, 5, 4
-    w13 = (torch.randn(num_experts, 2 * inter, hidden, generator=gen) * 0.05).bfloat16()  # [E, 2I, H]
-    w2 = (torch.randn(num_experts, hidden, inter, generator=gen) * 0.05).bfloat16()  # [E, H, I]
-    x = torch.randn(tokens, hidden, generator=gen).bfloat16()  # [T, H]
+    num_experts, tokens, top_k = 8, 5, 4
     topk_ids = torch.stack([torch.randperm(num_experts, generator=gen)[:top_k] for _ in range(tokens)]).int()
     topk_weights = torch.rand(tokens, top_k, generator=gen)  # [T, K] float32
-    fake = SimpleNamespace(_use_zentorch=False, w1_bias=None, w2_bias=None, isa="vec")
-
-    def run(experts, expert_map):
-        out = torch.zeros(tokens, hidden, dtype=torch.bfloat16)
-        CPUUnquantizedExperts.apply(
-            fake, out, x, cpu_prepack_moe_weight(w13[experts].contiguous(), "vec"),
-            cpu_prepack_moe_weight(w2[experts].contiguous(), "vec"), topk_weights.clone(), topk_ids.clone(),
-            MoEActivation.SILU, num_experts, expert_map, None, None, None, None, None, False,
-        )
-        return out.float()
+    run = cpu_expert_kernel(0, tokens, topk_ids, topk_weights, num_experts)
 
     full = run(slice(None), None)
     halves = []
@@ -204,10 +187,65 @@ def test_tp2_expert_parallel_matches_one_process(model_dir, reference_tokens, tw
     assert all(e["rerouted_slots"] > 0 for s in stats for e in s["layers"] if e["policy"] == "sere")
 
 
+def _records_and_stats(worker, path: str) -> dict:
+    """On a worker, in one RPC (no forward pass in between): its routing records (saved to
+    `path`) and its counters (`sere_stats`)."""
+    from sere.vllm import metrics, routing
+
+    with routing._records_lock:
+        records = list(routing._records)
+    torch.save(records, path)
+    return metrics.snapshot()
+
+
+_APPLY_ARGS = ("output", "hidden_states", "w1", "w2", "topk_weights", "topk_ids", "activation", "global_num_experts",
+               "expert_map", "a1q_scale", "a2_scale", "workspace13", "workspace2", "expert_tokens_meta",
+               "apply_router_weight_on_input")  # vLLM 0.32's CPUUnquantizedExperts.apply
+
+
+def _check_merging_on_every_call(worker) -> None:
+    """On a worker: every EP call of the (sere-patched) CPU expert kernel also runs with merged
+    slots off on the same inputs; keeps (max |merged - unmerged|, max |merged|, weighted rows
+    merged, weighted rows unmerged) per call in `_merge_checks`."""
+    from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUUnquantizedExperts
+
+    from sere.vllm import ep as vllm_ep
+
+    patched, checks = CPUUnquantizedExperts.apply, []
+    vllm_ep._merge_checks = checks
+
+    def apply(self, *args, **kwargs):
+        kwargs = {**dict(zip(_APPLY_ARGS, args)), **kwargs}
+        expert_map = kwargs["expert_map"]
+        if expert_map is None:
+            return patched(self, **kwargs)
+        unmerged = torch.zeros_like(kwargs["output"])  # the kernel overwrites its output
+        old = vllm_ep.set_merge_slots(False)
+        patched(self, **{**kwargs, "output": unmerged})
+        vllm_ep.set_merge_slots(old)
+        patched(self, **kwargs)
+        ids, weights = kwargs["topk_ids"], kwargs["topk_weights"]
+        rows = [int((vllm_ep.local_slots(ids, weights, expert_map, merge)[1] != 0).sum()) for merge in (True, False)]
+        merged = kwargs["output"].float()
+        checks.append(((merged - unmerged.float()).abs().max().item(), merged.abs().max().item(), *rows))
+
+    CPUUnquantizedExperts.apply = apply
+
+
+def _merge_checks(worker) -> list:
+    from sere.vllm import ep as vllm_ep
+
+    return list(vllm_ep._merge_checks)
+
+
 def _dp_rank_main(rank: int, size: int, port: int, model: str, out: str) -> None:
-    """One rank of the DP=2 + EP test (a process of its own, as vLLM's offline DP requires)."""
+    """One rank of the DP=2 + EP test (a process of its own, as vLLM's offline DP requires).
+
+    Two simulated nodes (SERE_RANKS_PER_NODE=1). Callables go to the workers by collective_rpc
+    (VLLM_ALLOW_INSECURE_SERIALIZATION, test only)."""
     os.environ.update(VLLM_DP_RANK=str(rank), VLLM_DP_RANK_LOCAL=str(rank), VLLM_DP_SIZE=str(size),
-                      VLLM_DP_MASTER_IP="127.0.0.1", VLLM_DP_MASTER_PORT=str(port), SERE_RECORD="1")
+                      VLLM_DP_MASTER_IP="127.0.0.1", VLLM_DP_MASTER_PORT=str(port), SERE_RECORD="1",
+                      SERE_RANKS_PER_NODE="1", VLLM_ALLOW_INSECURE_SERIALIZATION="1")
     from vllm import LLM
 
     llm = LLM(model=model, hf_overrides=SERE, enable_expert_parallel=True, **ENGINE_KW)
@@ -216,10 +254,12 @@ def _dp_rank_main(rank: int, size: int, port: int, model: str, out: str) -> None
     _barrier(out, "topk", rank, size)
     llm.collective_rpc("sere_configure", kwargs={"policy": "sere"})
     llm.collective_rpc("sere_reset_stats")
+    llm.collective_rpc(_check_merging_on_every_call)
     _barrier(out, "ready", rank, size)
-    result["sere"] = _generate(llm, prompts)
-    [result["records"]] = llm.collective_rpc("sere_dump_records", args=(f"{out}/dp{rank}",))
-    [result["stats"]] = llm.collective_rpc("sere_stats")
+    result["sere"] = _generate(llm, prompts)  # merged slots (the default)
+    result["records"] = f"{out}/dp{rank}.records.pt"
+    [result["stats"]] = llm.collective_rpc(_records_and_stats, args=(result["records"],))
+    [result["merge_checks"]] = llm.collective_rpc(_merge_checks)
     _barrier(out, "sere", rank, size)
     Path(f"{out}/dp{rank}.json").write_text(json.dumps(result))
     llm.llm_engine.engine_core.shutdown()
@@ -268,6 +308,53 @@ def test_dp2_expert_parallel_matches_one_process_with_a_global_primary_set(
         assert torch.equal(a["primary"], b["primary"])
         differ += int(not torch.equal(a["local_primary"], b["local_primary"]))
     assert differ > 0, "the ranks routed the same tokens: the EP-wide primary set was not exercised"
+    _check_live_traffic_counters(results, model_dir)
+    _check_merged_slots_change_no_output(results)
+
+
+def _check_merged_slots_change_no_output(results) -> None:
+    """On every EP expert-kernel call of the sere run (real inputs), merged and unmerged slots
+    give the same output to bf16 rounding, and merging left fewer weighted rows overall."""
+    for rank, result in enumerate(results):
+        checks = result["merge_checks"]
+        assert len(checks) >= 4 * MAX_TOKENS, f"rank {rank}: the kernel check did not run"
+        worst = max(diff / max(scale, 1e-6) for diff, scale, _, _ in checks)
+        print(f"rank {rank}: {len(checks)} kernel calls, max |merged - unmerged| / max |out| = {worst:.2e}")
+        assert worst <= 1e-2
+        assert all(merged <= unmerged for _, _, merged, unmerged in checks)
+        assert sum(merged for _, _, merged, _ in checks) < sum(unmerged for _, _, _, unmerged in checks)
+
+
+def _check_live_traffic_counters(results, model_dir) -> None:
+    """The live counters of each rank (per layer) equal a per-token loop over its recorded
+    dispatched ids: vLLM's linear placement (rank r owns experts [32 r, 32 r + 32)), one rank per
+    node, rows of hidden_size bf16 values."""
+    from sere.vllm.metrics import TRAFFIC_FIELDS
+
+    config = json.loads((model_dir / "config.json").read_text())
+    assert config["num_experts"] == E and config["dtype"] == "bfloat16"
+    row_bytes = config["hidden_size"] * 2
+    owner, node = [e // (E // 2) for e in range(E)], [0, 1]
+    totals = dict.fromkeys(TRAFFIC_FIELDS, 0)
+    for rank, result in enumerate(results):
+        want: dict[int, dict] = {}
+        for rec in torch.load(result["records"]):
+            num_tokens = rec["topk_ids"].shape[0]
+            assert rec["policy"] == "sere" and rec["ep_rows"] == (0, num_tokens, rank)  # routed where they live
+            pad = rec["padding"]
+            rows = [rec["topk_ids"][t].tolist() for t in range(num_tokens) if pad is None or not pad[t]]
+            counts = loop_traffic(rows, rank, owner, node, row_bytes)
+            layer = want.setdefault(rec["layer"], dict.fromkeys(TRAFFIC_FIELDS, 0))
+            for name in TRAFFIC_FIELDS:
+                layer[name] += counts[name]
+        got = {e["layer"]: {name: e[name] for name in TRAFFIC_FIELDS}
+               for e in result["stats"]["layers"] if e["policy"] == "sere"}
+        assert got == want, f"rank {rank}"
+        for counts in got.values():
+            for name in TRAFFIC_FIELDS:
+                totals[name] += counts[name]
+    assert totals["ep_merged_slots"] > 0  # SERE made repeats, and they were merged
+    assert 0 < totals["ep_cross_node_token_node_bytes"] <= totals["ep_tokens"] * row_bytes  # 2 nodes: <= 1 each
 
 
 if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "dp-rank":

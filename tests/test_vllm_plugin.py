@@ -25,7 +25,7 @@ import vllm
 from sere.vllm import metrics  # noqa: E402
 from sere.vllm import plugin  # noqa: E402
 from sere.config import SereConfig  # noqa: E402
-from sere.reference import oea_reference, reroute_reference, sere_err_reference  # noqa: E402
+from sere.reference import oea_reference, reroute_reference, sere_err_reference, xshare_reference  # noqa: E402
 from sere.sidecars import SIDECAR_NAME, load_sidecar, save_sidecar  # noqa: E402
 
 from vllm_common import MODEL_DIR, PROMPTS, REPO, model_dir  # noqa: E402, F401 (a fixture)
@@ -225,6 +225,23 @@ def test_hook_sere_err_matches_the_reference(kind, knobs):
     assert torch.equal(ids, expected_ids)
     torch.testing.assert_close(weights, expected_weights)
     assert ids.unique().numel() < own_ids.unique().numel()
+
+
+@pytest.mark.parametrize("kind", ["softmax", "softmax_no_renorm", "grouped_sigmoid_biased"])
+@pytest.mark.parametrize("num_primary, budget", [(1, 12), (2, 20)])
+def test_hook_xshare_matches_the_reference(kind, num_primary, budget):
+    router = _routers()[kind]
+    hidden, logits = torch.randn(16, 32), torch.randn(16, E, generator=torch.Generator().manual_seed(5))
+    own_weights, own_ids = router.select_experts(hidden, logits)
+    hook, _ = _hooked(router, policy="xshare", num_primary=num_primary, max_distinct=budget)
+    weights, ids = router.select_experts(hidden, logits)
+    sorted_weights, sorted_ids = _sorted_by_weight(own_weights, own_ids)
+    scores = plugin.router_scores(logits, getattr(router, "scoring_func", "softmax"), E)
+    expected_ids, expected_weights = xshare_reference(sorted_ids, sorted_weights, scores, num_primary, budget)
+    assert torch.equal(ids, expected_ids)
+    torch.testing.assert_close(weights, expected_weights)
+    distinct_before, distinct_after = hook.stats.values()[3:5]
+    assert distinct_after == ids.unique().numel() <= max(budget, 16 * num_primary) < distinct_before
 
 
 def test_sere_err_refuses_a_similarity_sidecar(tmp_path):

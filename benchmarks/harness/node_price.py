@@ -9,8 +9,8 @@ The placement is virtual: E experts on `--ep-size` ranks (linear), `--ranks-per-
 sequence s of a batch on rank s % W; every step's dispatched ids are counted with
 `sere.ep.accounting.unit_counts` (merged duplicate slots) exactly as `bench_ep.py` counts them.
 
-Until `sere.hf.moe.routing_hook` takes a placement, `placed_route` stands in for its `route`
-while a setting decodes: the same `sere.policy.route` call plus `placement=` and the counting.
+`decode_lockstep` passes no placement, so `placed_route` stands in for `sere.hf.moe`'s `route`
+while a setting decodes: the same `sere.policy.route` call with this placement, plus the counting.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import json
 import math
+import shlex
 import statistics
 import sys
 from pathlib import Path
@@ -34,12 +35,13 @@ from sere.config import SereConfig  # noqa: E402
 from sere.ep.accounting import CROSS_NODE_FIELD, UNIT_FIELDS, merge_duplicate_slots, unit_counts  # noqa: E402
 from sere.ep.placement import linear_placement  # noqa: E402
 from sere.hf.calibrate import load_model, tokenize  # noqa: E402
-from sere.hf.evaluate import _batch_metrics, decode_lockstep, make_batches  # noqa: E402
+from sere.hf.lockstep import batch_metrics, decode_lockstep, make_batches  # noqa: E402
 from sere.sidecars import ERROR_SIDECAR_NAME, SIDECAR_NAME, load_sidecar  # noqa: E402
 
 
 def settings() -> dict[str, SereConfig]:
-    """topk, and sere / sere-err / oea at S = 2 and 4 plain, S = 2, 3 and 4 node-aware."""
+    """topk, and sere / sere-err / oea at S = 2 and 4 plain, S = 2, 3 and 4 node-aware, and node-aware
+    S = 2 and 3 grown to M = 3 and 4 nodes."""
     out = {"topk": SereConfig(policy="topk")}
     extra = {"sere": {}, "sere-err": {"tolerance": 0.6, "renormalize": True}, "oea": {}}
     for policy, fields in extra.items():
@@ -48,6 +50,9 @@ def settings() -> dict[str, SereConfig]:
         for s in (2, 3, 4):
             out[f"{policy}-node S={s}"] = SereConfig(policy=policy, num_primary=s, node_limit="primary_nodes",
                                                      max_decode_tokens=1 << 20, **fields)
+        for s, m in ((2, 3), (3, 4)):  # the top-S experts' nodes, grown to M nodes in all
+            out[f"{policy}-node S={s} M={m}"] = SereConfig(policy=policy, num_primary=s, node_limit="primary_nodes",
+                                                           max_nodes=m, max_decode_tokens=1 << 20, **fields)
     return out
 
 
@@ -57,6 +62,7 @@ def placed_route(placement, totals: dict):
     original = hf_moe.route
 
     def route(cfg, topk_ids, topk_weights, **kwargs):
+        kwargs.pop("placement", None)  # the hook's own (None here): this virtual placement replaces it
         routed = policies.route(cfg, topk_ids, topk_weights, placement=placement, **kwargs)
         ids, _ = merge_duplicate_slots(routed.ids, routed.weights)
         src = torch.arange(ids.shape[0]) % placement.world_size  # sequence s on rank s % W
@@ -82,24 +88,29 @@ def run(args) -> list[dict]:
     placement = linear_placement(num_experts, args.ep_size, args.ranks_per_node)
     row_bytes = model.config.hidden_size * 2  # bf16 rows
     records = []
+    chosen = {label: cfg for label, cfg in settings().items() if not args.policies or label in args.policies or label == "topk"}
+    if args.policies and len(chosen) != len(set(args.policies) | {"topk"}):
+        raise SystemExit(f"--policies: unknown labels {sorted(set(args.policies) - set(chosen))}; known: {list(settings())}")
     for batch_size in args.batch_sizes:
         batches = make_batches(text, batch_size, args.seq_len, args.num_batches)
         nll, totals = {}, {}
-        for label, cfg in settings().items():
+        for label, cfg in chosen.items():
             totals[label], nll[label] = {}, []
             with placed_route(placement, totals[label]):
                 for batch in batches:
                     logp, _, _ = decode_lockstep(model, batch, cfg, sidecars)
-                    nll[label].append(_batch_metrics(logp, logp, batch[:, 1:])["nll"])
+                    nll[label].append(batch_metrics(logp, logp, batch[:, 1:])["nll"])
         base_ppl = math.exp(statistics.fmean(nll["topk"]))
-        for label, cfg in settings().items():
+        for label, cfg in chosen.items():
             t = totals[label]
             change = [math.exp(a - b) - 1.0 for a, b in zip(nll[label], nll["topk"])]
             record = {"policy": label, "config": policies.label(cfg), "batch": batch_size, "ep_size": args.ep_size,
                       "ranks_per_node": args.ranks_per_node, "seq_len": args.seq_len, "num_batches": len(batches),
                       "perplexity": math.exp(statistics.fmean(nll[label])),
                       "perplexity_change": math.exp(statistics.fmean(nll[label])) / base_ppl - 1.0,
-                      "perplexity_change_std": statistics.pstdev(change)}
+                      "perplexity_change_std": statistics.pstdev(change),
+                      # standard error of the mean paired change (sample s.d. / sqrt(batches))
+                      "perplexity_change_se": statistics.stdev(change) / math.sqrt(len(change)) if len(change) > 1 else None}
             for unit, field in CROSS_NODE_FIELD.items():
                 record[f"cross_node_bytes_{unit}"] = t[field] / t["steps"] * row_bytes  # per layer step
                 record[f"cross_node_ratio_{unit}"] = t[field] / max(1, totals["topk"][field])
@@ -119,12 +130,13 @@ def main(argv=None):
     parser.add_argument("--seq-len", type=int, default=32)
     parser.add_argument("--ep-size", type=int, default=64)
     parser.add_argument("--ranks-per-node", type=int, default=8)
+    parser.add_argument("--policies", nargs="+", help="only these setting labels (topk always runs: the pairing)")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     records = run(args)
     if args.json:
-        command = "python -m benchmarks.harness.node_price " + " ".join(sys.argv[1:] if argv is None else argv)
+        command = "python -m benchmarks.harness.node_price " + shlex.join(sys.argv[1:] if argv is None else argv)
         with open(args.json, "w") as fh:
             fh.write('{"conditions": ' + json.dumps({"command": command, "placement": "linear", "dtype_bytes": 2}))
             fh.write(',\n "records": [\n' + ",\n".join(json.dumps(r) for r in records) + "\n]}\n")

@@ -21,7 +21,7 @@ from sere.ep.placement import ExpertPlacement
 
 __all__ = [
     "BACKEND_UNITS", "CROSS_NODE_FIELD", "Traffic", "UNITS", "UNIT_FIELDS", "brute_force_traffic",
-    "eplb_physical_ids", "merge_duplicate_slots", "traffic", "unit_bytes", "unit_counts",
+    "duplicate_slots", "eplb_physical_ids", "merge_duplicate_slots", "traffic", "unit_bytes", "unit_counts",
 ]
 
 
@@ -182,6 +182,14 @@ CROSS_NODE_FIELD = {
 }
 
 
+def duplicate_slots(topk_ids: torch.Tensor) -> torch.Tensor:
+    """[T, K] bool: the slot names a valid expert that an earlier slot of its token names too."""
+    top_k = topk_ids.shape[1]
+    same = topk_ids[:, :, None] == topk_ids[:, None, :]  # [T, K, K] same[t, j, i]
+    earlier = torch.ones(top_k, top_k, dtype=torch.bool, device=topk_ids.device).tril(-1)  # i < j
+    return (same & earlier).any(dim=2) & (topk_ids >= 0)
+
+
 def merge_duplicate_slots(topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A token naming one expert in several slots names it once, with the summed weight.
 
@@ -196,9 +204,9 @@ def merge_duplicate_slots(topk_ids: torch.Tensor, topk_weights: torch.Tensor) ->
     """
     top_k = topk_ids.shape[1]
     same = topk_ids[:, :, None] == topk_ids[:, None, :]  # [T, K, K] same[t, j, i]
-    earlier = torch.ones(top_k, top_k, dtype=torch.bool, device=topk_ids.device).tril(-1)  # i < j
-    repeat = (same & earlier).any(dim=2) & (topk_ids >= 0)  # [T, K]
-    first = (same & ~torch.ones_like(earlier).triu(1)).int().argmax(dim=2)  # [T, K] first i with ids equal
+    repeat = duplicate_slots(topk_ids)  # [T, K]
+    upper = torch.ones(top_k, top_k, dtype=torch.bool, device=topk_ids.device).triu(1)  # i > j
+    first = (same & ~upper).int().argmax(dim=2)  # [T, K] first i with ids equal
     summed = torch.zeros_like(topk_weights).scatter_add_(1, first, topk_weights)  # [T, K]
     ids = torch.where(repeat, torch.full_like(topk_ids, -1), topk_ids)
     weights = torch.where(repeat | (topk_ids < 0), topk_weights, summed).masked_fill(repeat, 0)
@@ -224,21 +232,30 @@ def eplb_physical_ids(
 
 
 def unit_counts(
-    topk_ids: torch.Tensor, expert_to_rank: torch.Tensor, rank_to_node: torch.Tensor, src_rank
+    topk_ids: torch.Tensor, expert_to_rank: torch.Tensor, rank_to_node: torch.Tensor, src_rank,
+    num_nodes: int | None = None,
 ) -> torch.Tensor:
-    """The [10] int64 counts of UNIT_FIELDS for the ids actually dispatched, with no host sync.
+    """The [10] int64 counts of UNIT_FIELDS for the ids actually dispatched.
 
     Callable on a vLLM hook's ids: one rank's [T, K] ids (physical ids under EPLB, -1 = no
     expert), the [E] expert -> rank map, the [W] rank -> node map and `src_rank` (the int rank
     of all T tokens, or a [T] tensor). Bytes are counts x row bytes (`unit_bytes`).
+    With the maps on the ids' device, an int `src_rank` and `num_nodes` given, no host sync
+    and no host-to-device copy happens (safe inside a CUDA graph capture, as in the vLLM hook);
+    without `num_nodes` it is read from `rank_to_node` (one sync on a GPU).
     """
     device = topk_ids.device
     ids = topk_ids.long()
     num_tokens = ids.shape[0]
     owner_of = expert_to_rank.to(device).long()
     node_of = rank_to_node.to(device).long()
-    num_ranks, num_nodes = node_of.shape[0], int(node_of.max()) + 1 if node_of.numel() else 1
-    src = torch.as_tensor(src_rank, device=device).long().expand(num_tokens)  # [T]
+    num_ranks = node_of.shape[0]
+    if num_nodes is None:
+        num_nodes = int(node_of.max()) + 1 if node_of.numel() else 1
+    if isinstance(src_rank, int):
+        src = torch.full((num_tokens,), src_rank, dtype=torch.int64, device=device)  # [T]
+    else:
+        src = torch.as_tensor(src_rank, device=device).long().expand(num_tokens)  # [T]
     valid = ids >= 0  # [T, K]
     owner = owner_of[ids.clamp_min(0)]  # [T, K]
     src_node = node_of[src]  # [T]

@@ -116,6 +116,79 @@ def _pack_rows(x_rows, slot_ids, slot_weights):
     return torch.cat(parts, dim=1)
 
 
+def _agree_and_route(x, topk_ids, topk_weights, experts, placement, cfg, matrix, router_scores, group, timer):
+    """Checks the call on every rank (one error raises everywhere), agrees on the step's tokens,
+    builds P (over the group with scope ep_group) and routes: ([T, K] ids, [T, K] weights)."""
+    world = dist.get_world_size(group)
+    error = _local_problem(x, topk_ids, topk_weights, experts, placement, cfg, matrix, router_scores)
+    if error is None and placement.world_size != world:
+        error = f"placement is for {placement.world_size} ranks, the group has {world}"
+    meta = {
+        "hidden": x.shape[-1], "top_k": topk_ids.shape[-1], "num_experts": placement.num_experts,
+        "x_dtype": _DTYPE_CODE.get(x.dtype, 0), "placement_checksum": placement.checksum(),
+        "policy": policies.config_fingerprint(cfg),
+    }
+    tokens = agree_or_raise(meta, error, group, shared={"num_tokens": x.shape[0]})["num_tokens"]  # [W]
+    timer["agree"] = time.perf_counter()
+
+    step_tokens = sum(tokens)  # the same on every rank: all decide alike whether to re-route
+    primary = None
+    if cfg.policy != "topk" and 0 < step_tokens <= cfg.max_decode_tokens:
+        primary = policies.primary_set(cfg, topk_ids, topk_weights, placement.num_experts)  # [E]
+        if cfg.scope == "ep_group":
+            primary = group_primary_mask(primary, group)  # the same P on every rank
+    timer["primary"] = time.perf_counter()
+    ids, weights, _, _ = policies.route(
+        cfg, topk_ids, topk_weights, num_experts=placement.num_experts, matrix=matrix,
+        router_scores=router_scores, primary=primary, placement=placement, step_tokens=step_tokens,
+    )
+    timer["reroute"] = time.perf_counter()
+    return ids, weights
+
+
+def _merged_rows(ids: torch.Tensor, weights: torch.Tensor, placement: ExpertPlacement):
+    """One row per (destination rank, token), grouped by rank: a token's slots on the same local
+    expert are merged (weights summed). Returns (row_rank [R], row_token [R], slot_ids [R, Z]
+    int32 local expert ids (-1: empty), slot_weights [R, Z] float32), Z = min(K, local experts)."""
+    num_tokens, top_k = ids.shape
+    key_tokens = max(num_tokens, 1)  # NOTE: a rank may have no tokens; keys must not divide by 0
+    num_local = placement.num_local_experts
+    device = ids.device
+    expert_to_rank = placement.expert_to_rank.to(device)
+    expert_to_local = placement.expert_to_local.to(device)
+    flat_ids = ids.reshape(-1).long()  # [T*K]
+    token_of_slot = torch.arange(num_tokens, device=device).repeat_interleave(top_k)  # [T*K]
+    # pair key sorts by (destination rank, token, local expert): rows come out grouped by rank
+    pair_key = (expert_to_rank[flat_ids] * key_tokens + token_of_slot) * num_local + expert_to_local[flat_ids]
+    pairs, slot_to_pair = torch.unique(pair_key, return_inverse=True)  # [M], [T*K]
+    pair_weight = torch.zeros(pairs.shape[0], dtype=torch.float32, device=device)
+    pair_weight.index_add_(0, slot_to_pair, weights.reshape(-1).float())  # duplicates merged
+    rows, pair_to_row, pairs_per_row = torch.unique_consecutive(
+        pairs // num_local, return_inverse=True, return_counts=True
+    )  # [R], [M], [R]
+    row_start = torch.cumsum(pairs_per_row, 0) - pairs_per_row  # [R]
+    slot_in_row = torch.arange(pairs.shape[0], device=device) - row_start[pair_to_row]  # [M]
+    num_slots = min(top_k, num_local)
+    slot_ids = torch.full((rows.shape[0], num_slots), -1, dtype=torch.int32, device=device)  # [R, Z]
+    slot_weights = torch.zeros(rows.shape[0], num_slots, dtype=torch.float32, device=device)  # [R, Z]
+    slot_ids[pair_to_row, slot_in_row] = (pairs % num_local).to(torch.int32)
+    slot_weights[pair_to_row, slot_in_row] = pair_weight
+    return rows // key_tokens, rows % key_tokens, slot_ids, slot_weights
+
+
+def _run_received(received: torch.Tensor, x_bytes: int, num_slots: int, dtype: torch.dtype, experts):
+    """The received rows [Rr, B] through this rank's experts: ([Rr, H] float32 weighted sums,
+    number of distinct local experts that ran)."""
+    recv_x = received[:, :x_bytes].contiguous().view(dtype)  # [Rr, H]
+    recv_ids = received[:, x_bytes : x_bytes + 4 * num_slots].contiguous().view(torch.int32)  # [Rr, Z]
+    recv_w = received[:, x_bytes + 4 * num_slots :].contiguous().view(torch.float32)  # [Rr, Z]
+    valid_row, valid_slot = (recv_ids >= 0).nonzero(as_tuple=True)  # [Q]
+    local_ids = recv_ids[valid_row, valid_slot].long()  # [Q]
+    y = experts(recv_x[valid_row], local_ids).float() * recv_w[valid_row, valid_slot, None]  # [Q, H]
+    out_rows = torch.zeros(recv_x.shape, dtype=torch.float32, device=received.device).index_add_(0, valid_row, y)
+    return out_rows, int(torch.unique(local_ids).numel())
+
+
 def ep_moe_forward(
     x: torch.Tensor,
     topk_ids: torch.Tensor,
@@ -144,55 +217,11 @@ def ep_moe_forward(
     """
     timer = {"start": time.perf_counter()}
     cfg = cfg or _TOPK
-    world, rank = dist.get_world_size(group), dist.get_rank(group)
-    error = _local_problem(x, topk_ids, topk_weights, experts, placement, cfg, matrix, router_scores)
-    if error is None and placement.world_size != world:
-        error = f"placement is for {placement.world_size} ranks, the group has {world}"
-    meta = {
-        "hidden": x.shape[-1], "top_k": topk_ids.shape[-1], "num_experts": placement.num_experts,
-        "x_dtype": _DTYPE_CODE.get(x.dtype, 0), "placement_checksum": placement.checksum(),
-        "policy": policies.config_fingerprint(cfg),
-    }
-    tokens = agree_or_raise(meta, error, group, shared={"num_tokens": x.shape[0]})["num_tokens"]  # [W]
-    timer["agree"] = time.perf_counter()
-
-    step_tokens = sum(tokens)  # the same on every rank: all decide alike whether to re-route
-    primary = None
-    if cfg.policy != "topk" and 0 < step_tokens <= cfg.max_decode_tokens:
-        primary = policies.primary_set(cfg, topk_ids, topk_weights, placement.num_experts)  # [E]
-        if cfg.scope == "ep_group":
-            primary = group_primary_mask(primary, group)  # the same P on every rank
-    timer["primary"] = time.perf_counter()
-    ids, weights, _, _ = policies.route(
-        cfg, topk_ids, topk_weights, num_experts=placement.num_experts, matrix=matrix,
-        router_scores=router_scores, primary=primary, placement=placement, step_tokens=step_tokens,
-    )
-    timer["reroute"] = time.perf_counter()
-
-    num_tokens, top_k = ids.shape
-    key_tokens = max(num_tokens, 1)  # NOTE: a rank may have no tokens; keys must not divide by 0
-    hidden, num_local = x.shape[1], placement.num_local_experts
-    device = x.device
-    expert_to_rank = placement.expert_to_rank.to(device)
-    expert_to_local = placement.expert_to_local.to(device)
-    flat_ids = ids.reshape(-1).long()  # [T*K]
-    token_of_slot = torch.arange(num_tokens, device=device).repeat_interleave(top_k)  # [T*K]
-    # pair key sorts by (destination rank, token, local expert): rows come out grouped by rank
-    pair_key = (expert_to_rank[flat_ids] * key_tokens + token_of_slot) * num_local + expert_to_local[flat_ids]
-    pairs, slot_to_pair = torch.unique(pair_key, return_inverse=True)  # [M], [T*K]
-    pair_weight = torch.zeros(pairs.shape[0], dtype=torch.float32, device=device)
-    pair_weight.index_add_(0, slot_to_pair, weights.reshape(-1).float())  # duplicates merged
-    rows, pair_to_row, pairs_per_row = torch.unique_consecutive(
-        pairs // num_local, return_inverse=True, return_counts=True
-    )  # [R], [M], [R]
-    row_rank, row_token = rows // key_tokens, rows % key_tokens  # [R]
-    row_start = torch.cumsum(pairs_per_row, 0) - pairs_per_row  # [R]
-    slot_in_row = torch.arange(pairs.shape[0], device=device) - row_start[pair_to_row]  # [M]
-    num_slots = min(top_k, num_local)
-    slot_ids = torch.full((rows.shape[0], num_slots), -1, dtype=torch.int32, device=device)  # [R, Z]
-    slot_weights = torch.zeros(rows.shape[0], num_slots, dtype=torch.float32, device=device)  # [R, Z]
-    slot_ids[pair_to_row, slot_in_row] = (pairs % num_local).to(torch.int32)
-    slot_weights[pair_to_row, slot_in_row] = pair_weight
+    world = dist.get_world_size(group)
+    ids, weights = _agree_and_route(x, topk_ids, topk_weights, experts, placement, cfg, matrix, router_scores,
+                                    group, timer)
+    row_rank, row_token, slot_ids, slot_weights = _merged_rows(ids, weights, placement)  # [R], [R], [R, Z] x 2
+    num_slots = slot_ids.shape[1]
 
     send_rows = torch.bincount(row_rank, minlength=world).long()  # [W]
     recv_rows = torch.empty_like(send_rows)
@@ -200,25 +229,18 @@ def ep_moe_forward(
     send_splits, recv_splits = send_rows.tolist(), recv_rows.tolist()
     packed = _pack_rows(x[row_token], slot_ids, slot_weights)  # [R, B]
     row_bytes = packed.shape[1]
-    received = torch.empty(sum(recv_splits), row_bytes, dtype=torch.uint8, device=device)  # [Rr, B]
+    received = torch.empty(sum(recv_splits), row_bytes, dtype=torch.uint8, device=x.device)  # [Rr, B]
     dist.all_to_all_single(received, packed, recv_splits, send_splits, group=group)
     timer["dispatch"] = time.perf_counter()
 
-    x_bytes = hidden * x.element_size()
-    recv_x = received[:, :x_bytes].contiguous().view(x.dtype)  # [Rr, H]
-    recv_ids = received[:, x_bytes : x_bytes + 4 * num_slots].contiguous().view(torch.int32)  # [Rr, Z]
-    recv_w = received[:, x_bytes + 4 * num_slots :].contiguous().view(torch.float32)  # [Rr, Z]
-    valid_row, valid_slot = (recv_ids >= 0).nonzero(as_tuple=True)  # [Q]
-    local_ids = recv_ids[valid_row, valid_slot].long()  # [Q]
-    y = experts(recv_x[valid_row], local_ids).float() * recv_w[valid_row, valid_slot, None]  # [Q, H]
-    out_rows = torch.zeros(recv_x.shape, dtype=torch.float32, device=device).index_add_(0, valid_row, y)
-    computed = int(torch.unique(local_ids).numel())
+    x_bytes = x.shape[1] * x.element_size()
+    out_rows, computed = _run_received(received, x_bytes, num_slots, x.dtype, experts)  # [Rr, H] float32
     timer["experts"] = time.perf_counter()
 
     back = out_rows.to(x.dtype).contiguous().view(torch.uint8)  # [Rr, H * bytes]
-    returned = torch.empty(rows.shape[0], x_bytes, dtype=torch.uint8, device=device)  # [R, H * bytes]
+    returned = torch.empty(row_rank.shape[0], x_bytes, dtype=torch.uint8, device=x.device)  # [R, H * bytes]
     dist.all_to_all_single(returned, back, send_splits, recv_splits, group=group)
-    out = torch.zeros(num_tokens, hidden, dtype=torch.float32, device=device)
+    out = torch.zeros(ids.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
     out.index_add_(0, row_token, returned.view(x.dtype).float())
     timer["combine"] = time.perf_counter()
 

@@ -5,7 +5,11 @@
         [--seq-len L] [--num-batches N | --num-sequences M] --json OUT [--png OUT]
     sere evaluate ... --policy sere-err [--error FILE] [--tolerance T ...] [--keep-cost C]
         [--max-distinct M] [--renormalize]
+    sere evaluate ... --schedule FILE    (policy tuned: each batch size's bucket of a `sere tune` schedule)
     (or: python -m sere.evaluate ...)
+
+Without --policy the model's own schedule (MODEL/sere_schedule.json) is evaluated when it has
+one (docs/spec.md §20), else policy sere.
 
 B held-out sequences of L+1 tokens are decoded together, teacher-forced, one token per sequence
 per step with a KV cache, so every MoE layer re-routes across the B tokens of each step (the
@@ -20,20 +24,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import statistics
+import shlex
+import sys
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from sere.config import SereConfig
 from sere.ep.placement import linear_placement
 from sere.hf.calibrate import MODEL_HELP, load_model, log, tokenize
-from sere.hf.moe import find_moe_blocks, routing_hook
-from sere.policy import POLICIES, label, matrix_kind
-from sere.progress import Progress
+from sere.hf.lockstep import decode_lockstep, evaluate, hook_tables, make_batches  # noqa: F401
+from sere.hf.evaluate_plot import plot
+from sere.hf.moe import find_moe_blocks
+from sere.policy import POLICIES, TUNED, matrix_kind
 from sere.hf.substitution import ERROR_SIDECAR_NAME
+from sere.schedule import SCHEDULE_NAME
 from sere.sidecars import SIDECAR_NAME, load_sidecar
 
 __all__ = ["DEFAULT_OPERATING_POINT", "hook_tables", "make_batches", "decode_lockstep", "evaluate", "main"]
@@ -45,169 +50,6 @@ __all__ = ["DEFAULT_OPERATING_POINT", "hook_tables", "make_batches", "decode_loc
 DEFAULT_OPERATING_POINT = {"num_primary": 4, "threshold": 0.0}
 
 
-def make_batches(token_ids: torch.Tensor, batch_size: int, seq_len: int, num_batches: int) -> list[torch.Tensor]:
-    """Up to `num_batches` [B, L+1] int64 batches of non-overlapping windows of `token_ids` [N].
-
-    Raises SystemExit when not even one batch fits.
-    """
-    if seq_len < 1:
-        raise SystemExit(f"--seq-len must be >= 1 (one decode step), got {seq_len}")
-    num_windows = token_ids.numel() // (seq_len + 1)
-    if num_windows < batch_size:
-        raise SystemExit(
-            f"the text has {token_ids.numel()} tokens: too short for {batch_size} sequences of "
-            f"{seq_len + 1} tokens (one batch); use more text or a smaller --seq-len"
-        )
-    windows = token_ids[: num_windows * (seq_len + 1)].view(num_windows, seq_len + 1)
-    count = min(num_batches, num_windows // batch_size)
-    return [windows[i * batch_size : (i + 1) * batch_size] for i in range(count)]
-
-
-def hook_tables(cfg: SereConfig, sidecars: dict) -> dict:
-    """routing_hook's `matrices` and `thresholds` for `cfg` from {matrix kind: Sidecar}."""
-    kind = matrix_kind(cfg)
-    if kind is None:
-        return {}
-    if kind not in sidecars:
-        raise ValueError(f"policy {cfg.policy!r} needs a {kind} sidecar; none was loaded")
-    sidecar = sidecars[kind]
-    thresholds = None
-    if cfg.threshold_quantile is not None:
-        thresholds = {layer: sidecar.threshold_for(layer, cfg.threshold_quantile) for layer in sidecar.matrices}
-    return {"matrices": sidecar.matrices, "thresholds": thresholds}
-
-
-@torch.no_grad()
-def decode_lockstep(model: nn.Module, batch: torch.Tensor, cfg: SereConfig, sidecars: dict | None = None,
-                    placement=None):
-    """Teacher-forced lock-step decoding of `batch` [B, L+1] under `cfg`.
-
-    `sidecars`: {matrix kind: Sidecar} ("similarity", "substitution_error") as `cfg` needs;
-    `placement`: the virtual expert placement of the placement-aware options (`node_limit`).
-    Returns:
-        (log-probs [B, L, V] float32 of the next token at each step, mean distinct experts per
-        layer per step, fraction of slots re-routed).
-    """
-    from transformers import DynamicCache
-
-    num_steps = batch.shape[1] - 1
-    out_steps = []
-    with routing_hook(model, cfg, placement=placement, **hook_tables(cfg, sidecars or {})) as record:
-        cache = DynamicCache(config=model.config)
-        for t in range(num_steps):
-            out = model(input_ids=batch[:, t : t + 1], past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
-            out_steps.append(out.logits[:, -1].float().log_softmax(-1))  # [B, V]
-    slots = sum(c[0] for calls in record.calls.values() for c in calls) * find_moe_blocks(model)[0].top_k
-    return torch.stack(out_steps, dim=1), record.mean_distinct(), record.rerouted_slots() / max(1, slots)
-
-
-def _batch_metrics(logp: torch.Tensor, ref: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
-    """logp, ref [B, L, V] float32 log-probs; targets [B, L] int64."""
-    nll = -logp.gather(-1, targets[..., None]).squeeze(-1)  # [B, L]
-    kl = (ref.exp() * (ref - logp)).sum(-1)  # [B, L] KL(topk || policy)
-    agree = (logp.argmax(-1) == ref.argmax(-1)).float()
-    return {"nll": float(nll.mean()), "kl": float(kl.mean()), "agreement": float(agree.mean())}
-
-
-def evaluate(
-    model: nn.Module,
-    token_ids: torch.Tensor,
-    batch_sizes: list[int],
-    settings: list[SereConfig],
-    *,
-    seq_len: int = 64,
-    num_batches: int | None = 1,
-    num_sequences: int | None = None,
-    sidecars: dict | None = None,
-    placement=None,
-) -> list[dict]:
-    """One record per (setting, batch size), topk first. See module docstring."""
-    records = []
-    all_settings = [SereConfig(policy="topk")] + [s for s in settings if s.policy != "topk"]
-    # every batch size's batches first: the progress total, and a too-short text fails before any work
-    planned = [(bs, make_batches(token_ids, bs, seq_len,
-                                 num_batches if num_sequences is None else max(1, num_sequences // bs)))
-               for bs in batch_sizes]
-    total_tokens = sum(len(batches) * bs * seq_len for bs, batches in planned) * len(all_settings)
-    bar = Progress(total_tokens, "[evaluate] lock-step decode", unit="token")
-    for bs, batches in planned:
-        per = {s: {"nll": [], "kl": [], "agreement": [], "distinct": [], "rerouted": []} for s in all_settings}
-        for batch in batches:
-            targets = batch[:, 1:]
-            ref = None
-            for s in all_settings:
-                logp, distinct, rerouted = decode_lockstep(model, batch, s, sidecars, placement)
-                bar.update(bs * seq_len)
-                ref = logp if ref is None else ref
-                for key, value in _batch_metrics(logp, ref, targets).items():
-                    per[s][key].append(value)
-                per[s]["distinct"].append(distinct)
-                per[s]["rerouted"].append(rerouted)
-        base = per[all_settings[0]]
-        base_ppl = math.exp(statistics.fmean(base["nll"]))
-        base_distinct = statistics.fmean(base["distinct"])
-        for s in all_settings:
-            m = per[s]
-            ppl = math.exp(statistics.fmean(m["nll"]))
-            distinct = statistics.fmean(m["distinct"])
-            batch_ppl = [math.exp(v) for v in m["nll"]]
-            records.append({
-                "policy": s.policy, "label": label(s), "batch_size": bs,
-                "num_primary": s.num_primary if s.policy != "topk" else None, "threshold": s.threshold,
-                "threshold_quantile": s.threshold_quantile, "tolerance": s.tolerance,
-                "keep_cost": s.keep_cost, "max_distinct": s.max_distinct, "renormalize": s.renormalize,
-                "refill": s.refill, "node_limit": s.node_limit, "max_nodes": s.max_nodes,
-                "num_tokens": len(batches) * bs * seq_len, "num_batches": len(batches), "seq_len": seq_len,
-                "perplexity": ppl, "perplexity_change": ppl / base_ppl - 1.0,
-                "agreement": statistics.fmean(m["agreement"]), "kl": statistics.fmean(m["kl"]),
-                "distinct_experts": distinct, "distinct_experts_topk": base_distinct,
-                "distinct_fraction": distinct / base_distinct,
-                "rerouted_fraction": statistics.fmean(m["rerouted"]),
-                "spread": {
-                    "perplexity_std": statistics.pstdev(batch_ppl),
-                    # paired with topk on the same batch: the noise of `perplexity_change`
-                    "perplexity_change_std": statistics.pstdev(
-                        [math.exp(v - b) - 1.0 for v, b in zip(m["nll"], base["nll"])]),
-                    "per_batch": {"perplexity": batch_ppl, "agreement": m["agreement"], "kl": m["kl"],
-                                  "distinct_experts": m["distinct"]},
-                },
-            })
-    bar.close()
-    return records
-
-
-def plot(records: list[dict], path: str | Path, title: str = "") -> None:
-    """Perplexity change (%) against distinct experts per layer per step, one panel per batch size."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    sizes = sorted({r["batch_size"] for r in records})
-    cols = min(3, len(sizes))
-    rows = -(-len(sizes) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.6 * rows), squeeze=False)
-    axes = axes.ravel()
-    for ax in axes[len(sizes):]:
-        ax.set_visible(False)
-    markers = {"topk": "o", "sere": "s", "oea": "^", "sere-err": "D"}
-    for ax, bs in zip(axes, sizes):
-        for r in (r for r in records if r["batch_size"] == bs):
-            ax.scatter(r["distinct_experts"], 100 * r["perplexity_change"], marker=markers[r["policy"]],
-                       label=r["label"])
-            ax.annotate(r["label"], (r["distinct_experts"], 100 * r["perplexity_change"]), fontsize=6)
-        ax.set_title(f"batch {bs}")
-        ax.set_xlabel("distinct experts / layer / step")
-        ax.set_ylabel("perplexity change vs topk (%)")
-        ax.grid(alpha=0.3)
-    axes[len(sizes) - 1].legend(fontsize=6)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def _settings(args, top_k: int) -> list[SereConfig]:
     """The SereConfigs of the command line's cross product (policy x S x threshold/tolerance)."""
     common = {"max_decode_tokens": max(256, *args.batch_size)}  # every evaluated step is decode
@@ -215,6 +57,9 @@ def _settings(args, top_k: int) -> list[SereConfig]:
         common.update(node_limit=args.node_limit, max_nodes=args.max_nodes)
     settings = []
     for policy in dict.fromkeys(args.policy):
+        if policy == TUNED:
+            settings.append(SereConfig(policy=TUNED, schedule=str(args.schedule)))
+            continue
         if policy == "topk":
             continue
         for s in args.num_primary:
@@ -223,6 +68,10 @@ def _settings(args, top_k: int) -> list[SereConfig]:
             base = {**common, "policy": policy, "num_primary": s}
             if policy == "oea":
                 settings.append(SereConfig(**base))
+            elif policy == "xshare":
+                if args.max_distinct is None:
+                    raise SystemExit("--policy xshare needs --max-distinct B (its budget of distinct experts)")
+                settings.append(SereConfig(**base, max_distinct=args.max_distinct))
             elif policy == "sere-err":
                 settings += [SereConfig(**base, tolerance=t, keep_cost=args.keep_cost, max_distinct=args.max_distinct,
                                         renormalize=args.renormalize, refill=args.refill)
@@ -232,6 +81,43 @@ def _settings(args, top_k: int) -> list[SereConfig]:
             else:
                 settings += [SereConfig(**base, threshold=r) for r in args.threshold]
     return settings
+
+
+def _resolve_schedule(args, blocks, hf_config) -> None:
+    """Settle `args.policy` / `args.schedule`: --schedule means tuned; no --policy means tuned
+    with the model's own schedule when it has one, else sere (said on stderr). The schedule
+    must fit the model (experts, top-k, MoE layers)."""
+    if args.schedule is not None:
+        args.policy = list(args.policy or []) + [TUNED]
+    elif args.policy is None:
+        own = Path(args.model) / SCHEDULE_NAME
+        args.policy = [TUNED] if own.is_file() else ["sere"]
+        if not own.is_file():
+            log(f"[evaluate] no {own}: evaluating policy sere, the default without a schedule (make one with `sere tune`)")
+    if TUNED not in args.policy:
+        return
+    args.schedule = args.schedule or Path(args.model) / SCHEDULE_NAME
+    from sere.schedule import load_schedule, model_shape
+
+    try:
+        load_schedule(args.schedule).check_model(num_experts=blocks[0].num_experts, top_k=blocks[0].top_k,
+                                                 num_layers=len(blocks), shape=model_shape(hf_config))
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
+
+
+def _command(prog: str, argv: list[str] | None) -> str:
+    return shlex.join(prog.split() + (sys.argv[1:] if argv is None else list(argv)))
+
+
+def _schedule_metadata(path) -> dict | None:
+    """The schedule's target, command and calibration (what made it), for the results file."""
+    if path is None:
+        return None
+    from sere.schedule import load_schedule
+
+    meta = load_schedule(path).metadata
+    return {key: meta.get(key) for key in ("model_id", "target", "command", "calibration")}
 
 
 def build_parser(prog: str = "python -m sere.evaluate") -> argparse.ArgumentParser:
@@ -253,12 +139,16 @@ def build_parser(prog: str = "python -m sere.evaluate") -> argparse.ArgumentPars
     parser.add_argument("--batch-size", type=int, nargs="+", required=True, metavar="B",
                         help="one or more batch sizes, each >= 1: B sequences are decoded in lock-step, so "
                              "every MoE layer re-routes across B tokens per step; each B is reported apart")
-    parser.add_argument("--policy", nargs="+", choices=POLICIES, default=["sere"], metavar="POLICY",
+    parser.add_argument("--policy", nargs="+", choices=POLICIES + (TUNED,), metavar="POLICY",
                         help="policies compared with topk (the model's own routing, always run first as the "
                              "baseline): sere = substitute the most similar primary expert; oea = fill with "
                              "experts the batch already loads, by router score; sere-err = substitute the "
-                             "primary with the lowest substitution error, or drop the slot; topk "
-                             "(default: sere)")
+                             "primary with the lowest substitution error, or drop the slot; tuned = each "
+                             "batch size's settings from the schedule `sere tune` wrote (--schedule); topk "
+                             f"(default: tuned when MODEL/{SCHEDULE_NAME} exists, else sere)")
+    parser.add_argument("--schedule", metavar="FILE",
+                        help=f"schedule read by policy tuned (adds it to --policy; default: MODEL/{SCHEDULE_NAME}, "
+                             "written by `sere tune`); its records carry policy 'tuned' and the bucket's label")
     parser.add_argument("--num-primary", type=int, nargs="+", default=[DEFAULT_OPERATING_POINT["num_primary"]],
                         metavar="S",
                         help="primary experts per token, 1 <= S < the model's top-k: every token keeps its "
@@ -288,7 +178,7 @@ def build_parser(prog: str = "python -m sere.evaluate") -> argparse.ArgumentPars
     parser.add_argument("--max-distinct", type=int, metavar="M",
                         help="sere-err: budget of distinct experts per MoE call, primaries included, >= 1: at "
                              "most M - |primaries| kept experts, those of largest summed cost; the others are "
-                             "approximated (default: no budget)")
+                             "approximated (default: no budget); xshare (required): its budget B of distinct experts")
     parser.add_argument("--renormalize", action="store_true",
                         help="sere-err: rescale each token's weights to their original sum after drops "
                              "(default: off)")
@@ -354,6 +244,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m sere.evaluate") -
         blocks = find_moe_blocks(model)
     except ValueError as exc:
         raise SystemExit(f"{args.model}: {exc}") from exc
+    _resolve_schedule(args, blocks, model.config)
     settings = _settings(args, blocks[0].top_k)
     placement = None
     if args.ep_size:
@@ -380,6 +271,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m sere.evaluate") -
             "similarity": str(similarity.path) if similarity else None,
             "metric": similarity.metric if similarity else None,
             "error": str(error.path) if error else None,
+            "schedule": str(args.schedule) if args.schedule else None, "command": _command(prog, argv),
+            "schedule_metadata": _schedule_metadata(args.schedule),
             "num_experts": blocks[0].num_experts, "top_k": blocks[0].top_k, "moe_layers": len(blocks),
             "ep_size": args.ep_size, "ranks_per_node": args.ranks_per_node if args.ep_size else None}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -387,7 +280,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m sere.evaluate") -
     if args.png:
         plot(records, args.png, f"{Path(args.model).name}: {meta['metric'] or ''} E={meta['num_experts']} K={meta['top_k']}")
     for r in records:
-        log(f"[evaluate] B={r['batch_size']:>3} {r['label']:<22} distinct {r['distinct_experts']:6.2f} "
+        log(f"[evaluate] B={r['batch_size']:>3} {('tuned: ' + r['bucket_label']) if r['bucket_label'] else r['label']:<22} distinct {r['distinct_experts']:6.2f} "
             f"({100 * r['distinct_fraction']:5.1f}%) ppl {r['perplexity']:8.3f} ({100 * r['perplexity_change']:+6.2f}%) "
             f"agree {r['agreement']:.3f} kl {r['kl']:.4f}")
     return records

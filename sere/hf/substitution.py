@@ -21,21 +21,14 @@ Shape legend: N calibration tokens, C chunk tokens, E routed experts, K top-k, d
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import torch
 
-from sere.hf.calibrate import (
-    add_model_and_data_args,
-    capture_layer_inputs,
-    load_calibration,
-    log,
-    parse_calibration_args,
-    save_calibration,
-)
+from sere.hf.calibrate import capture_layer_inputs
+from sere.hf.calibration_io import calibration_parser, load_calibration, parse_calibration_args, save_calibration
 from sere.hf.moe import MoeBlock, find_moe_blocks, run_experts
-from sere.progress import progress
+from sere.progress import log, progress
 from sere.sidecars import ERROR_METRIC, ERROR_SIDECAR_NAME
 
 __all__ = ["ERROR_SIDECAR_NAME", "substitution_error", "calibrate_errors", "main"]
@@ -95,16 +88,13 @@ def calibrate_errors(
 
 def main(argv: list[str] | None = None, prog: str = "python -m sere.substitution") -> Path:
     """`sere substitution` (`prog` names it in usage and errors); returns the sidecar's path."""
-    parser = argparse.ArgumentParser(
-        prog=prog,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Calibrate the substitution error sidecar that policy `sere-err` reads: err[i, j] is\n"
-                    "the relative output error of running expert j in place of expert i, over the\n"
-                    "calibration tokens the model's router sends to i (0 on the diagonal; 1 = as bad as\n"
-                    "dropping i).",
-        epilog=f"example:\n  {prog} --model models/tiny-moe --data models/tiny-moe/calib.txt --tokens 32768",
+    parser = calibration_parser(
+        prog,
+        "Calibrate the substitution error sidecar that policy `sere-err` reads: err[i, j] is\n"
+        "the relative output error of running expert j in place of expert i, over the\n"
+        "calibration tokens the model's router sends to i (0 on the diagonal; 1 = as bad as\n"
+        "dropping i).",
     )
-    add_model_and_data_args(parser)
     args = parse_calibration_args(parser, argv, chunk_tokens=256, sidecar_name=ERROR_SIDECAR_NAME)
 
     model, blocks, token_ids = load_calibration(args, "substitution")

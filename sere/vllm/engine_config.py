@@ -16,6 +16,7 @@ from pathlib import Path
 
 from sere import policy
 from sere.config import SereConfig
+from sere.schedule import SCHEDULE_NAME, model_shape
 from sere.sidecars import ERROR_METRIC, ERROR_SIDECAR_NAME, SIDECAR_NAME, Sidecar, load_sidecar
 from sere.vllm.routing import ENV_RECORD
 
@@ -29,7 +30,7 @@ logger = logging.getLogger("vllm.sere")
 ENV_CONFIG = "SERE_CONFIG"
 # Added to vllm_config.additional_config when SERE is on: it enters the config hash that keys
 # vLLM's compile cache (hf_overrides does not), so SERE and plain vLLM never share a compiled graph.
-COMPILE_CACHE_MARKER = ("sere", "sere::route_layer v1")
+COMPILE_CACHE_MARKER = ("sere", "sere::route_layer v2")
 
 _sidecars: dict[tuple[str, int], Sidecar] = {}
 
@@ -56,15 +57,52 @@ def parse_config(raw, source: str) -> SereConfig:
 
 
 def config_from_vllm(vllm_config) -> tuple[SereConfig, str] | None:
-    """(config, source) from `hf_overrides["sere"]`, else from $SERE_CONFIG; None when off."""
+    """(config, source) from `hf_overrides["sere"]`, else from $SERE_CONFIG; None when off.
+
+    Policy "tuned" without `schedule` gets the model directory's `sere_schedule.json` (every
+    process resolves it the same way); its absence is an error naming the file.
+    """
     model_config = getattr(vllm_config, "model_config", None)
     overrides = getattr(model_config, "hf_overrides", None)
     if isinstance(overrides, dict) and overrides.get("sere") is not None:
-        return parse_config(overrides["sere"], "hf_overrides['sere']"), "hf_overrides"
-    raw = os.environ.get(ENV_CONFIG, "").strip()
-    if raw:
-        return parse_config(raw, f"${ENV_CONFIG}"), "env"
-    return None
+        found = parse_config(overrides["sere"], "hf_overrides['sere']"), "hf_overrides"
+    else:
+        raw = os.environ.get(ENV_CONFIG, "").strip()
+        if not raw:
+            return None
+        found = parse_config(raw, f"${ENV_CONFIG}"), "env"
+    cfg, source = found
+    if cfg.policy == policy.TUNED and cfg.schedule is None:
+        cfg = cfg.model_copy(update={"schedule": str(_model_schedule_path(model_config))})
+    return cfg, source
+
+
+def _model_schedule_path(model_config) -> Path:
+    """MODEL_DIR/sere_schedule.json, which policy "tuned" without `schedule` follows."""
+    model_dir = Path(str(getattr(model_config, "model", "")))
+    path = model_dir / SCHEDULE_NAME
+    if not model_dir.is_dir():
+        raise ValueError(f"sere: policy 'tuned' without schedule needs a local model directory holding "
+                         f"{SCHEDULE_NAME}; {str(model_dir)!r} is not one: set schedule")
+    if not path.is_file():
+        raise ValueError(f"sere: policy 'tuned' follows {path}, which does not exist: make it with "
+                         f"`sere tune --model {model_dir} --text CALIBRATION_TEXT --max-ppl-increase 0.01`, "
+                         "or set schedule")
+    return path
+
+
+def _moe_layer_count(hf_config) -> int | None:
+    """How many decoder layers of an HF config are sparse MoE layers (None: cannot tell)."""
+    num_layers = getattr(hf_config, "num_hidden_layers", None)
+    if not isinstance(num_layers, int):
+        return None
+    if hasattr(hf_config, "decoder_sparse_step"):  # Qwen2-MoE / Qwen3-MoE
+        step, dense = hf_config.decoder_sparse_step or 1, set(getattr(hf_config, "mlp_only_layers", None) or [])
+        return sum(1 for i in range(num_layers) if i not in dense and (i + 1) % step == 0)
+    if hasattr(hf_config, "first_k_dense_replace"):  # DeepSeek-V2 / V3
+        first, freq = hf_config.first_k_dense_replace or 0, getattr(hf_config, "moe_layer_freq", 1) or 1
+        return sum(1 for i in range(num_layers) if i >= first and i % freq == 0)
+    return num_layers  # Mixtral, OLMoE: every layer
 
 
 def _model_moe_shape(hf_config) -> tuple[int | None, int | None]:
@@ -126,6 +164,13 @@ def validate_engine_config(vllm_config) -> SereConfig | None:
     except ValueError as exc:
         where = "hf_overrides['sere']" if source == "hf_overrides" else f"${ENV_CONFIG}"
         raise ValueError(f"sere: invalid SERE config in {where} for {model_config.model!r}: {exc}") from None
+    if cfg.policy == policy.TUNED:  # the schedule must be this model's: layers and shape too
+        try:
+            cfg.loaded_schedule().check_model(num_experts=num_experts, top_k=top_k,
+                                              num_layers=_moe_layer_count(model_config.hf_text_config),
+                                              shape=model_shape(model_config.hf_text_config))
+        except ValueError as exc:
+            raise ValueError(f"sere: {exc}") from None
     if policy.matrix_kind(cfg) is not None:
         _sidecar(_sidecar_path(cfg, model_config), num_experts, cfg)
     _check_compilation(vllm_config)

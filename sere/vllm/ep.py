@@ -10,7 +10,11 @@
    kernel) ignore `expert_map`: under EP each rank holds E / ep_size experts but receives global
    ids, which index past its weights (segfault). `install()` maps ids to the local range;
    slots owned by another rank get weight 0 (and local id 0, which the kernel then computes
-   for nothing: the kernel has no "skip this slot" id).
+   for nothing: the kernel has no "skip this slot" id). Merged slots (docs/spec.md §19): a
+   token naming one expert in several slots (SERE maps secondaries onto primaries) keeps the
+   first slot with the summed weight and the repeats get weight 0 (`merge_duplicate_slots`, whose
+   id -1 becomes that zero-weight slot): the output is sum_k w_k expert_k(x) as before, with
+   fewer weighted (token, expert) rows. `SERE_MERGE_SLOTS=0` (or `set_merge_slots(False)`) off.
 3. vLLM 0.32.0's `CpuCommunicator` lacks `all_gatherv` / `reduce_scatterv`, which the only CPU
    all2all backend (allgather_reducescatter) calls under DP + EP. `install()` adds them over
    the group's gloo process group: uneven all-gather by padding to the largest chunk, and
@@ -24,12 +28,27 @@
 from __future__ import annotations
 
 import inspect
+import os
 
 import torch
 
-__all__ = ["install", "opaque_moe_forward", "primary_allreduce_for", "all_gatherv", "reduce_scatterv"]
+from sere.ep.accounting import merge_duplicate_slots
 
+__all__ = [
+    "ENV_MERGE_SLOTS", "MERGE_SLOTS", "install", "local_slots", "opaque_moe_forward", "primary_allreduce_for",
+    "all_gatherv", "reduce_scatterv", "set_merge_slots",
+]
+
+ENV_MERGE_SLOTS = "SERE_MERGE_SLOTS"  # "0": dispatch repeated experts of a token as they come
+MERGE_SLOTS = os.environ.get(ENV_MERGE_SLOTS, "1") != "0"
 _installed = False
+
+
+def set_merge_slots(on: bool) -> bool:
+    """Switch merged slots on or off in this process (between steps); returns the old setting."""
+    global MERGE_SLOTS
+    old, MERGE_SLOTS = MERGE_SLOTS, bool(on)
+    return old
 
 
 def install() -> None:
@@ -103,14 +122,26 @@ def _patch_cpu_experts() -> None:
         expert_map = kwargs.get("expert_map")
         if expert_map is None:  # no EP: vLLM's call, untouched
             return apply(self, **kwargs)
-        topk_ids = kwargs["topk_ids"]  # [T, K] global ids
-        local_ids = expert_map[topk_ids.long()]  # [T, K], -1: another rank's expert
-        owned = local_ids >= 0
-        kwargs["topk_weights"] = torch.where(owned, kwargs["topk_weights"], 0.0).contiguous()
-        kwargs["topk_ids"] = torch.where(owned, local_ids, 0).to(topk_ids.dtype).contiguous()
+        kwargs["topk_ids"], kwargs["topk_weights"] = local_slots(
+            kwargs["topk_ids"], kwargs["topk_weights"], expert_map, MERGE_SLOTS)
         return apply(self, **kwargs)
 
     CPUUnquantizedExperts.apply = _apply
+
+
+def local_slots(topk_ids: torch.Tensor, topk_weights: torch.Tensor, expert_map: torch.Tensor, merge: bool):
+    """The (ids, weights) [T, K] one EP rank's CPU kernel gets: local ids, weight 0 elsewhere.
+
+    topk_ids: [T, K] global ids; expert_map: [E] global -> local id, -1 on another rank.
+    merge: a repeated expert of a token gets weight 0, its first slot the summed weight.
+    """
+    ids, weights = topk_ids.long(), topk_weights
+    if merge:  # repeats become id -1 with weight 0
+        ids, weights = merge_duplicate_slots(ids, weights)
+    local_ids = expert_map[ids.clamp_min(0)]  # [T, K], -1: another rank's expert
+    owned = (ids >= 0) & (local_ids >= 0)
+    weights = torch.where(owned, weights, 0.0).contiguous()
+    return torch.where(owned, local_ids, 0).to(topk_ids.dtype).contiguous(), weights
 
 
 # ---------------------------------------------------------------- CPU communicator: uneven collectives

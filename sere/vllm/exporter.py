@@ -11,6 +11,9 @@ directory. The MoE layers, and so SERE's counters, live in the worker processes.
   `$SERE_METRICS_DIR` (created by the first vLLM process of the tree, i.e. the API server, and
   inherited by its engine and workers), and `SnapshotCollector`, registered in every process's
   REGISTRY, turns the other processes' files into `sere_*` series at scrape time.
+
+Every counter of `metrics.COUNTER_FIELDS` travels this way, the live EP traffic counters
+(`sere_ep_*`, docs/spec.md §19) included.
 """
 
 from __future__ import annotations

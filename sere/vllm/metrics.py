@@ -1,12 +1,13 @@
 """Per-layer re-routing statistics in an engine worker, exported as Prometheus metrics.
 
-Each hooked layer owns one device int64 accumulator `LayerStats.acc` [len(COUNTER_FIELDS)] that
-the routing op `sere::route_layer` adds into (inside the compiled forward / CUDA graph: no host
-sync, no clock). Everything host-side happens between steps: `flush()` reads the accumulators
-back (one sync per layer), adds the increments to the totals of the layer's current policy and
-to the Prometheus series. The plugin calls `maybe_flush()` after each `execute_model` of the
-worker (at most once per `SERE_METRICS_INTERVAL_S` seconds, default 1); `snapshot()` (the
-`sere_stats` RPC) flushes on demand.
+Each hooked layer owns two device int64 accumulators, `LayerStats.acc` [len(ROUTING_FIELDS)] and
+`LayerStats.traffic` [len(TRAFFIC_FIELDS)], that the routing op `sere::route_layer` adds into
+(inside the compiled forward / CUDA graph: no host sync, no clock). Everything host-side happens
+between steps: `flush()` reads the accumulators back (one sync per layer), adds the increments to
+the totals of the layer's current policy and to the Prometheus series. The plugin calls
+`maybe_flush()` after each `execute_model` of the worker (at most once per
+`SERE_METRICS_INTERVAL_S` seconds, default 1); `snapshot()` (the `sere_stats` RPC) flushes on
+demand.
 
 Prometheus series (labels: layer, policy, rank = the worker's global rank):
     sere_steps_total                      MoE-layer calls that were re-routed (decode steps)
@@ -22,6 +23,17 @@ Prometheus series (labels: layer, policy, rank = the worker's global rank):
                                           previous flush (stage = before | after)
 Mean distinct experts over any window: rate(sere_distinct_experts_after_total) / rate(sere_steps_total).
 
+With expert parallelism (ep_size > 1), the live traffic of the re-routed steps (docs/spec.md §19,
+`sere.vllm.traffic`), counted for the tokens that live on the rank, as dispatched (merged slots):
+    sere_ep_tokens_total                          tokens counted (this rank's own, padding excluded)
+    sere_ep_merged_slots_total                    slots naming an expert already named by the token
+    sere_ep_token_expert_pairs_total              (token, expert) pairs; _remote_ / _cross_node_ variants
+    sere_ep_token_rank_pairs_total                (token, rank) pairs; _remote_ / _cross_node_ variants
+    sere_ep_token_node_pairs_total                (token, node) pairs; _cross_node_ variant
+    sere_ep_{remote,cross_node}_token_{expert,rank}_bytes_total, sere_ep_cross_node_token_node_bytes_total
+                                                  the same pairs x hidden_size x activation bytes
+"remote": another EP rank; "cross_node": a rank (node) on another node than the token's own.
+
 How they reach vLLM's /metrics: see `sere.vllm.exporter`.
 """
 
@@ -36,12 +48,12 @@ import torch
 from sere.policy import STAT_FIELDS
 
 __all__ = [
-    "COUNTER_FIELDS", "COUNTER_HELP", "LAYERS", "LayerStats", "NUM_STEP_FIELDS", "flush", "layer_stats",
-    "maybe_flush", "reset", "snapshot",
+    "COUNTER_FIELDS", "COUNTER_HELP", "LAYERS", "LayerStats", "NUM_STEP_FIELDS", "ROUTING_FIELDS", "TRAFFIC_FIELDS",
+    "flush", "layer_stats", "maybe_flush", "reset", "snapshot",
 ]
 
 # Counter names, in the order of the accumulator; the last six are sere.policy.STAT_FIELDS renamed.
-COUNTER_FIELDS = (
+ROUTING_FIELDS = (
     "steps",
     "skipped_steps",
     "tokens",
@@ -53,7 +65,26 @@ COUNTER_FIELDS = (
     "dropped_slots",
 )
 NUM_STEP_FIELDS = 3  # steps, skipped_steps, tokens; then STAT_FIELDS
-assert len(COUNTER_FIELDS) == NUM_STEP_FIELDS + len(STAT_FIELDS)
+assert len(ROUTING_FIELDS) == NUM_STEP_FIELDS + len(STAT_FIELDS)
+# The live EP traffic counters, in the order of `LayerStats.traffic` (sere.vllm.traffic.count).
+TRAFFIC_FIELDS = (
+    "ep_tokens",
+    "ep_merged_slots",
+    "ep_token_expert_pairs",
+    "ep_remote_token_expert_pairs",
+    "ep_cross_node_token_expert_pairs",
+    "ep_token_rank_pairs",
+    "ep_remote_token_rank_pairs",
+    "ep_cross_node_token_rank_pairs",
+    "ep_token_node_pairs",
+    "ep_cross_node_token_node_pairs",
+    "ep_remote_token_expert_bytes",
+    "ep_cross_node_token_expert_bytes",
+    "ep_remote_token_rank_bytes",
+    "ep_cross_node_token_rank_bytes",
+    "ep_cross_node_token_node_bytes",
+)
+COUNTER_FIELDS = ROUTING_FIELDS + TRAFFIC_FIELDS  # every exported counter: accumulator, then traffic
 # Help text of each exported counter (the workers' sere_* and the Ray Serve ray_sere_* series).
 COUNTER_HELP = {
     "steps": "MoE-layer calls re-routed by SERE (decode steps)",
@@ -65,6 +96,21 @@ COUNTER_HELP = {
     "rerouted_slots": "(token, slot) pairs whose expert id was changed",
     "critical_slots": "secondary slots kept on a non-primary (critical) expert",
     "dropped_slots": "secondary slots dropped with weight 0 (sere-err), before any refill",
+    "ep_tokens": "EP: tokens of this rank counted in the traffic counters (re-routed steps)",
+    "ep_merged_slots": "EP: slots merged into an earlier slot of the same token and expert",
+    "ep_token_expert_pairs": "EP: (token, expert) pairs dispatched (merged slots)",
+    "ep_remote_token_expert_pairs": "EP: (token, expert) pairs on another rank",
+    "ep_cross_node_token_expert_pairs": "EP: (token, expert) pairs on another node",
+    "ep_token_rank_pairs": "EP: (token, rank) pairs dispatched",
+    "ep_remote_token_rank_pairs": "EP: (token, rank) pairs with another rank",
+    "ep_cross_node_token_rank_pairs": "EP: (token, rank) pairs with a rank on another node",
+    "ep_token_node_pairs": "EP: (token, node) pairs dispatched",
+    "ep_cross_node_token_node_pairs": "EP: (token, node) pairs with another node",
+    "ep_remote_token_expert_bytes": "EP: bytes of remote (token, expert) pairs (hidden x dtype bytes each)",
+    "ep_cross_node_token_expert_bytes": "EP: bytes of cross-node (token, expert) pairs",
+    "ep_remote_token_rank_bytes": "EP: bytes of remote (token, rank) pairs",
+    "ep_cross_node_token_rank_bytes": "EP: bytes of cross-node (token, rank) pairs",
+    "ep_cross_node_token_node_bytes": "EP: bytes of cross-node (token, node) pairs",
 }
 assert tuple(COUNTER_HELP) == COUNTER_FIELDS
 GAUGE_HELP = "mean distinct experts per step since the previous export"
@@ -77,7 +123,8 @@ class LayerStats:
         self.layer_name = layer_name
         self.layer = layer
         self.policy = policy
-        self.acc = torch.zeros(len(COUNTER_FIELDS), dtype=torch.int64, device=torch.device(device))
+        self.acc = torch.zeros(len(ROUTING_FIELDS), dtype=torch.int64, device=torch.device(device))
+        self.traffic = torch.zeros(len(TRAFFIC_FIELDS), dtype=torch.int64, device=torch.device(device))
         self._read = [0] * len(COUNTER_FIELDS)  # acc as of the previous collect
         self.totals: dict[str, list[int]] = {}  # policy -> counters since the last reset
         self.exported: dict[str, list[int]] = {}  # policy -> counters since process start (monotonic)
@@ -85,7 +132,7 @@ class LayerStats:
 
     def collect(self) -> list[int]:
         """The increments since the previous collect (one device sync), booked to `policy`."""
-        values = [int(v) for v in self.acc.tolist()]
+        values = [int(v) for v in torch.cat([self.acc, self.traffic]).tolist()]  # COUNTER_FIELDS
         delta = [now - before for now, before in zip(values, self._read)]
         self._read = values
         if not any(delta):

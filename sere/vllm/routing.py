@@ -8,8 +8,10 @@ on GPUs, captures CUDA graphs; so everything that changes per step happens insid
 - the decode-only rule (`0 < T <= max_decode_tokens`) is a branch on the op's concrete T, so no
   guard on vLLM's symbolic token count is needed;
 - the primary set (padding rows excluded) and its OR over the expert-parallel group;
-- the statistics, added into the layer's device int64 accumulator `stats` (the op's only
-  mutated argument; layout `sere.vllm.metrics.COUNTER_FIELDS`): no host sync, no clock;
+- the statistics, added into the layer's device int64 accumulator `stats` (layout
+  `sere.vllm.metrics.ROUTING_FIELDS`) and, under expert parallelism, the live traffic counts into
+  `traffic` (`sere.vllm.metrics.TRAFFIC_FIELDS`, `sere.vllm.traffic`, docs/spec.md §19): the op's
+  only mutated arguments; no host sync, no clock;
 - records for tests (`SERE_RECORD=1`), which copy to the host (refused with CUDA graphs).
 
 The op reads the layer's configuration from `LAYERS[layer_name]` (host state that
@@ -26,13 +28,16 @@ from __future__ import annotations
 import os
 import threading
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
 from sere import policy
-from sere.config import SereConfig
 from sere.vllm import metrics
+from sere.vllm import traffic as ep_traffic
+
+if TYPE_CHECKING:  # SereConfig needs pydantic, absent on the GPU check machine
+    from sere.config import SereConfig
 
 __all__ = ["ENV_RECORD", "LAYERS", "LayerRoute", "RoutingHook"]
 
@@ -103,7 +108,8 @@ class RoutingHook:
         )
         self.route.configure(cfg)
         self.matrix = self.route.matrix  # [E, E]
-        self.acc = self.route.stats.acc  # [len(COUNTER_FIELDS)] int64
+        self.acc = self.route.stats.acc  # [len(ROUTING_FIELDS)] int64
+        self.traffic = self.route.stats.traffic  # [len(TRAFFIC_FIELDS)] int64, EP only
         LAYERS[layer_name] = self.route
 
     @property
@@ -120,25 +126,31 @@ class RoutingHook:
     def __call__(self, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
         topk_weights, topk_ids = self.compute_routing(*args, **kwargs)  # [T, K] each
         router_logits = args[1] if len(args) > 1 else kwargs["router_logits"]  # [T, >= E]
-        return torch.ops.sere.route_layer(topk_weights, topk_ids, router_logits, self.matrix, self.acc,
+        return torch.ops.sere.route_layer(topk_weights, topk_ids, router_logits, self.matrix, self.acc, self.traffic,
                                           self.layer_name)
 
 
-@torch.library.custom_op("sere::route_layer", mutates_args=("stats",))
+@torch.library.custom_op("sere::route_layer", mutates_args=("stats", "traffic"))
 def route_layer(
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
     router_logits: torch.Tensor,
     matrix: torch.Tensor,
     stats: torch.Tensor,
+    traffic: torch.Tensor,
     layer_name: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weights, ids) [T, K] to dispatch for one layer's step; counts into `stats` in place."""
+    """(weights, ids) [T, K] to dispatch for one layer's step; counts into `stats` (and, under
+    expert parallelism, `traffic`: `sere.vllm.traffic`) in place."""
     state = LAYERS[layer_name]
-    cfg = state.cfg
     num_tokens = topk_ids.shape[0]
-    padding = _padding_rows()
-    padding = None if padding is None else padding[:num_tokens]  # [T] bool
+    cfg = state.cfg.at(num_tokens)  # policy "tuned": this step size's bucket config
+    threshold = state.threshold if cfg is state.cfg else cfg.threshold
+    context = _context()
+    padding = None if context is None else context.is_padding
+    # [T] bool. Where vLLM gathers every DP rank's tokens before routing, `is_padding` covers this
+    # rank's rows only: the gathered step's padding is then unknown and its rows count as tokens.
+    padding = None if padding is None or padding.shape[0] < num_tokens else padding[:num_tokens]
     in_scope = 0 < num_tokens <= cfg.max_decode_tokens  # a decode-sized step
     # NOTE: with an EP-wide primary set every rank must join the collective on every call,
     # whatever its policy or step size, or the group deadlocks.
@@ -156,7 +168,7 @@ def route_layer(
         scores = policy.router_scores(router_logits, state.scoring_func, state.num_experts)  # [T, E]
     routed = policy.route(
         cfg, topk_ids, topk_weights, num_experts=state.num_experts,
-        matrix=matrix if policy.matrix_kind(cfg) is not None else None, threshold=state.threshold,
+        matrix=matrix if policy.matrix_kind(cfg) is not None else None, threshold=threshold,
         router_scores=scores, primary=primary,
     )
     stats[0].add_(1)
@@ -165,13 +177,19 @@ def route_layer(
     weights, ids = routed.weights.contiguous(), routed.ids.contiguous()
     if weights.data_ptr() == topk_weights.data_ptr() or ids.data_ptr() == topk_ids.data_ptr():
         weights, ids = weights.clone(), ids.clone()  # a custom op must not return its inputs
+    own_padding = None if context is None else context.is_padding  # this rank's rows
+    sent = ep_traffic.count(layer_name, ids, own_padding, context)  # None without EP
+    if sent is not None:
+        traffic.add_(sent[0])
     if state.record:
         _record(state, router_logits, topk_weights, topk_ids, weights, ids, primary, local_primary, padding)
+        with _records_lock:  # the rows this rank counted: (start, stop, its EP rank)
+            _records[-1]["ep_rows"] = None if sent is None else sent[1]
     return weights, ids
 
 
 @route_layer.register_fake
-def _route_layer_fake(topk_weights, topk_ids, router_logits, matrix, stats, layer_name):
+def _route_layer_fake(topk_weights, topk_ids, router_logits, matrix, stats, traffic, layer_name):
     return torch.empty_like(topk_weights), torch.empty_like(topk_ids)
 
 
@@ -180,13 +198,17 @@ def _record(state: LayerRoute, router_logits, weights_in, ids_in, weights_out, i
     def host(tensor):
         return None if tensor is None else tensor.detach().cpu().clone()
 
+    applied = state.cfg.at(ids_in.shape[0])  # policy "tuned": the bucket's config this step used
     entry = {
         "layer": state.layer,
         "layer_name": state.layer_name,
         "call": state.calls,
-        "policy": state.cfg.policy,
-        "num_primary": state.cfg.num_primary,
-        "threshold": state.threshold,
+        "config_policy": state.cfg.policy,  # the engine's policy ("tuned" under a schedule)
+        "policy": applied.policy,  # the policy this step applied
+        "bucket_label": policy.label(applied) if applied is not state.cfg else None,
+        "num_primary": applied.num_primary,
+        "max_distinct": applied.max_distinct,
+        "threshold": state.threshold if applied is state.cfg else applied.threshold,
         "router_logits": host(router_logits.float()),  # [T, E]
         "router_topk_weights": host(weights_in),  # [T, K] as the router returned them
         "router_topk_ids": host(ids_in),
@@ -200,8 +222,8 @@ def _record(state: LayerRoute, router_logits, weights_in, ids_in, weights_out, i
         _records.append(entry)
 
 
-def _padding_rows() -> torch.Tensor | None:
-    """[>= T] bool, True for rows of the current forward pass that are not real tokens."""
+def _context():
+    """vLLM's forward context of the current forward pass, or None outside one."""
     global _forward_context
     if _forward_context is None:
         import vllm.forward_context
@@ -209,4 +231,10 @@ def _padding_rows() -> torch.Tensor | None:
         _forward_context = vllm.forward_context
     if not _forward_context.is_forward_context_available():
         return None
-    return _forward_context.get_forward_context().is_padding
+    return _forward_context.get_forward_context()
+
+
+def _padding_rows() -> torch.Tensor | None:
+    """[>= T] bool, True for rows of the current forward pass that are not real tokens."""
+    context = _context()
+    return None if context is None else context.is_padding
