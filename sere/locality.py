@@ -27,7 +27,7 @@ import torch
 
 from sere.reference import primary_or_default, renormalize_weights
 
-__all__ = ["allowed_experts", "locality_reroute", "node_oea", "node_sere", "node_sere_err"]
+__all__ = ["allowed_experts", "locality_reroute", "locality_stats", "node_aware_route", "node_oea", "node_sere", "node_sere_err"]
 
 
 def locality_reroute(
@@ -232,3 +232,37 @@ def _refill(new_ids, new_weights, drop, loaded, router_scores, topk_ids, topk_we
     tail_ids = torch.where(fill, pick_id, new_ids[:, head:].long())
     tail_w = torch.where(fill, pick_score * scale, new_weights[:, head:].float()).to(new_weights.dtype)
     return torch.cat([new_ids[:, :head], tail_ids], dim=1), torch.cat([new_weights[:, :head], tail_w], dim=1)
+
+
+def node_aware_route(cfg, ids, weights, matrix, threshold, router_scores, primary, placement):
+    """`cfg.policy` (sere, oea, sere-err) restricted to each token's allowed nodes or ranks, as
+    `sere.policy.route` applies `cfg.node_limit`: ([T, K] ids, [T, K] weights, [6] int64 stats)."""
+    if placement is None:
+        raise ValueError("node_limit is set: route() needs the expert placement (placement=...)")
+    if cfg.node_scope == "rank":
+        unit, num_units = placement.expert_to_rank, placement.world_size
+    else:
+        unit, num_units = placement.expert_to_node(), placement.num_nodes
+    allowed = allowed_experts(ids, unit.to(ids.device).long(), num_units, cfg.num_primary, cfg.max_nodes)  # [T, E]
+    token_primary = allowed & primary[None, :]  # [T, E]
+    if cfg.policy == "sere":
+        new_ids, new_weights, dropped = node_sere(ids, weights, matrix, cfg.num_primary, threshold, token_primary, allowed)
+    elif cfg.policy == "oea":
+        new_ids, new_weights, dropped = node_oea(ids, weights, router_scores, cfg.num_primary, token_primary)
+    else:
+        new_ids, new_weights, dropped = node_sere_err(
+            ids, weights, matrix, cfg.num_primary, cfg, primary, token_primary, allowed, router_scores
+        )
+    stats = locality_stats(ids, new_ids, primary, cfg.num_primary)
+    return new_ids, new_weights, torch.cat([stats[:5], dropped.sum().reshape(1).to(torch.int64)])
+
+
+def locality_stats(ids, new_ids, primary, num_primary) -> torch.Tensor:
+    """[6] int64 statistics of a weight-preserving re-route (no drops)."""
+    num_experts = primary.shape[0]
+    before, after = (torch.zeros(num_experts, dtype=torch.bool, device=ids.device) for _ in range(2))
+    before[ids.reshape(-1).long()] = True
+    after[new_ids.reshape(-1).long()] = True
+    critical = ~primary[new_ids[:, num_primary:].long()]
+    stats = [before.sum(), after.sum(), primary.sum(), (ids != new_ids).sum(), critical.sum()]
+    return torch.stack(stats + [torch.zeros_like(stats[0])]).to(torch.int64)

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 
 from sere import ops
-from sere.locality import allowed_experts, locality_reroute, node_oea, node_sere, node_sere_err
+from sere.locality import locality_reroute, locality_stats, node_aware_route
 from sere.xshare import xshare_with_stats
 
 if TYPE_CHECKING:  # SereConfig needs pydantic; this module does not
@@ -206,7 +206,7 @@ def route(
     if primary is None:
         primary = ops.primary_mask(ids, num_experts, cfg.num_primary)
     if cfg.node_limit is not None:
-        new_ids, new_weights, stats = _node_aware(
+        new_ids, new_weights, stats = node_aware_route(
             cfg, ids, weights, matrix, cfg.threshold if threshold is None else threshold, router_scores, primary,
             placement,
         )
@@ -259,18 +259,7 @@ def _sere(cfg, ids, weights, matrix, threshold, router_scores, primary, placemen
         ids, weights, matrix, cfg.num_primary, placement.expert_to_rank, cfg.locality_epsilon, threshold, primary,
         placement.expert_to_node(),
     )
-    return new_ids, weights, _locality_stats(ids, new_ids, primary, cfg.num_primary)
-
-
-def _locality_stats(ids, new_ids, primary, num_primary) -> torch.Tensor:
-    """[6] int64 statistics of a weight-preserving re-route (no drops)."""
-    num_experts = primary.shape[0]
-    before, after = (torch.zeros(num_experts, dtype=torch.bool, device=ids.device) for _ in range(2))
-    before[ids.reshape(-1).long()] = True
-    after[new_ids.reshape(-1).long()] = True
-    critical = ~primary[new_ids[:, num_primary:].long()]
-    stats = [before.sum(), after.sum(), primary.sum(), (ids != new_ids).sum(), critical.sum()]
-    return torch.stack(stats + [torch.zeros_like(stats[0])]).to(torch.int64)
+    return new_ids, weights, locality_stats(ids, new_ids, primary, cfg.num_primary)
 
 
 def _oea(cfg, ids, weights, matrix, threshold, router_scores, primary, placement):
@@ -287,28 +276,6 @@ def _sere_err(cfg, ids, weights, matrix, threshold, router_scores, primary, plac
         float("inf") if cfg.keep_cost is None else cfg.keep_cost, cfg.max_distinct, cfg.renormalize, primary,
         router_scores=router_scores if cfg.refill else None,
     )
-
-
-def _node_aware(cfg, ids, weights, matrix, threshold, router_scores, primary, placement):
-    """`cfg.policy` restricted to each token's allowed nodes or ranks (`sere.locality`)."""
-    if placement is None:
-        raise ValueError("node_limit is set: route() needs the expert placement (placement=...)")
-    if cfg.node_scope == "rank":
-        unit, num_units = placement.expert_to_rank, placement.world_size
-    else:
-        unit, num_units = placement.expert_to_node(), placement.num_nodes
-    allowed = allowed_experts(ids, unit.to(ids.device).long(), num_units, cfg.num_primary, cfg.max_nodes)  # [T, E]
-    token_primary = allowed & primary[None, :]  # [T, E]
-    if cfg.policy == "sere":
-        new_ids, new_weights, dropped = node_sere(ids, weights, matrix, cfg.num_primary, threshold, token_primary, allowed)
-    elif cfg.policy == "oea":
-        new_ids, new_weights, dropped = node_oea(ids, weights, router_scores, cfg.num_primary, token_primary)
-    else:
-        new_ids, new_weights, dropped = node_sere_err(
-            ids, weights, matrix, cfg.num_primary, cfg, primary, token_primary, allowed, router_scores
-        )
-    stats = _locality_stats(ids, new_ids, primary, cfg.num_primary)
-    return new_ids, new_weights, torch.cat([stats[:5], dropped.sum().reshape(1).to(torch.int64)])
 
 
 _POLICY_FNS = {"sere": _sere, "oea": _oea, "sere-err": _sere_err, "xshare": _xshare}

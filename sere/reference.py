@@ -68,8 +68,8 @@ def primary_mask(topk_ids: torch.Tensor, num_experts: int, num_primary: int) -> 
     Returns:
         [E] bool, True for every expert in P = {topk_ids[t, s] : t < T, s < S}.
 
-    Under expert parallelism the masks of all ranks are OR-ed (an all-reduce MAX) before
-    re-routing, so that every rank re-routes against the same P.
+    Under expert parallelism the masks of all ranks are OR-ed (an all-reduce, `sere.agreement`)
+    before re-routing, so that every rank re-routes against the same P.
     """
     _check_ids(topk_ids, num_experts)
     mask = torch.zeros(num_experts, dtype=torch.bool, device=topk_ids.device)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["select_experts", "xshare_with_stats"]
+__all__ = ["select_by_mass", "select_experts", "xshare_with_stats"]
 
 
 def select_experts(router_scores: torch.Tensor, primary: torch.Tensor, budget: int) -> torch.Tensor:
@@ -35,8 +35,13 @@ def select_experts(router_scores: torch.Tensor, primary: torch.Tensor, budget: i
         primary: [E] bool warm-up set.
         budget: B >= 1, the number of distinct experts to select (at least |primary| are).
     """
-    num_experts = router_scores.shape[1]
-    mass = router_scores.float().sum(dim=0)  # [E] gating mass over the step's tokens
+    return select_by_mass(router_scores.float().sum(dim=0), primary, budget)
+
+
+def select_by_mass(mass: torch.Tensor, primary: torch.Tensor, budget: int) -> torch.Tensor:
+    """`select_experts` from the [E] gating mass itself (e.g. summed over an EP group's tokens)."""
+    num_experts = mass.shape[0]
+    mass = mass.float()
     # the warm-up experts rank first; a stable descending sort puts the lower id first among ties
     key = mass.masked_fill(primary, float("inf"))  # [E]
     order = torch.sort(key, descending=True, stable=True).indices  # [E] expert ids, best first

@@ -35,6 +35,7 @@ CONFIGS = {
     "oea-node": SereConfig(policy="oea", num_primary=S, node_limit="primary_nodes"),
     "sere-err-node refill": SereConfig(policy="sere-err", num_primary=S, tolerance=0.6, refill=True,
                                        node_limit="primary_nodes", node_scope="rank"),
+    "xshare": SereConfig(policy="xshare", num_primary=S, max_distinct=9),
 }
 LABELS = tuple(CONFIGS)
 SERE = CONFIGS["sere"]
@@ -77,6 +78,13 @@ def _expected(cfg, placement, ids, ws, scores, sim, rank):
             for expert in token[:S]:
                 primary[expert] = True
     total = sum(i.shape[0] for i in ids)
+    if cfg.policy == "xshare":  # XShare's greedy: the experts of largest mass over ALL the group's tokens
+        mass = [sum(float(rank_scores[t, e]) for rank_scores in scores for t in range(rank_scores.shape[0]))
+                for e in range(E)]
+        for expert in sorted(range(E), key=lambda e: (-mass[e], e)):
+            if int(primary.sum()) >= cfg.max_distinct:
+                break
+            primary[expert] = True
     routed = policies.route(cfg, ids[rank], ws[rank], num_experts=E, matrix=_matrix(cfg, sim),
                             router_scores=scores[rank], primary=primary, placement=placement, step_tokens=total)
     return routed.ids, routed.weights

@@ -7,7 +7,7 @@ traffic study measures. Serving does not use it: inside vLLM, SERE rewrites the 
 """
 
 from sere.ep.accounting import Traffic, brute_force_traffic, traffic
-from sere.ep.collective import EPError, agree_or_raise, default_backend, group_primary_mask
+from sere.ep.collective import EPError, agree_or_raise, default_backend
 from sere.ep.dispatch import EPStepInfo, agree_placement, ep_moe_forward
 from sere.ep.experts import SwiGLUExperts, moe_reference, random_expert_weights
 from sere.ep.placement import (
@@ -33,7 +33,6 @@ __all__ = [
     "brute_force_traffic",
     "default_backend",
     "ep_moe_forward",
-    "group_primary_mask",
     "linear_placement",
     "make_placement",
     "moe_reference",

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-__all__ = ["EPError", "default_backend", "agree_or_raise", "group_primary_mask"]
+__all__ = ["EPError", "default_backend", "agree_or_raise"]
 
 _MSG_BYTES = 240
 
@@ -65,10 +65,3 @@ def agree_or_raise(meta: dict[str, int], error: str | None, group=None,
     if problems:
         raise EPError("expert-parallel step rejected on every rank: " + "; ".join(problems))
     return {k: values[:, keys.index(f"~{k}")].tolist() for k in shared_keys}
-
-
-def group_primary_mask(mask: torch.Tensor, group=None) -> torch.Tensor:
-    """OR of the [E] bool primary masks of all ranks (one all-reduce MAX of E int32)."""
-    as_int = mask.to(torch.int32)
-    dist.all_reduce(as_int, op=dist.ReduceOp.MAX, group=group)
-    return as_int.bool()

@@ -34,8 +34,8 @@ import torch.distributed as dist
 from torch import nn
 
 from sere import policy as policies
+from sere.agreement import agreed_primary, agreement_vector
 from sere.config import SereConfig
-from sere.ep.collective import group_primary_mask
 
 __all__ = ["SereTopKGate", "enable_sere", "merge_duplicate_routes"]
 
@@ -99,15 +99,17 @@ class SereTopKGate(nn.Module):
         l_aux, _, num_experts, indices, _, gates, _ = self.inner(input, used_token, True, False)
         topk_ids = indices.t().long().contiguous()  # [S, K]; no -1: drop_tokens is off
         topk_weights = gates.t().contiguous()  # [S, K]
-        primary = policies.primary_set(self.cfg, topk_ids, topk_weights, num_experts)  # [E]
-        group = self.inner.ep_group
-        if self.cfg.scope == "ep_group" and group is not None and dist.get_world_size(group) > 1:
-            primary = group_primary_mask(primary, group)
+        cfg = self.cfg.at(topk_ids.shape[0])  # policy "tuned": this step's bucket
         scores = None
-        if policies.needs_router_scores(self.cfg):  # DeepSpeed's top-k gate scores with a softmax
+        if policies.needs_router_scores(cfg):  # DeepSpeed's top-k gate scores with a softmax
             scores = torch.softmax(self.inner.wg(input.to(self.inner.wg.weight.dtype)).float(), dim=-1)  # [S, E]
+        agreement = agreement_vector(cfg, topk_ids, topk_weights, num_experts, scores)  # [2E]
+        group = self.inner.ep_group
+        if cfg.scope == "ep_group" and group is not None and dist.get_world_size(group) > 1:
+            dist.all_reduce(agreement, group=group)  # SUM: the same P (and xshare's mass) on every rank
+        primary = agreed_primary(cfg, agreement)  # [E]
         new_ids, new_weights, _, _ = policies.route(
-            self.cfg, topk_ids, topk_weights, num_experts=num_experts, matrix=self.matrix, router_scores=scores,
+            cfg, topk_ids, topk_weights, num_experts=num_experts, matrix=self.matrix, router_scores=scores,
             primary=primary,
         )
         self.last_routing = (topk_ids.detach(), new_ids.detach())

@@ -10,8 +10,8 @@ Shape legend:
 One step on every rank of the group (docs/spec.md §15):
   1. agree: a fixed-size all-gather of shapes, dtypes, placement and policy; any local problem or
      disagreement raises EPError on every rank (no rank is left waiting in a collective);
-  2. re-route before dispatch against the primary set P of the whole group (all-reduce MAX of the
-     [E] mask), optionally with locality-aware targets;
+  2. re-route before dispatch against the primary set P of the whole group (all-reduce SUM of the
+     [2E] agreement vector, `sere.agreement`: P's union and xshare's mass), optionally with locality-aware targets;
   3. merge duplicate (token, expert) slots (weights summed) and send each token once per
      destination rank, with its Z (local expert id, weight) slots;
   4. exchange the per-destination row counts (all_to_all_single of W int64), then ONE
@@ -31,7 +31,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from sere.ep.collective import agree_or_raise, group_primary_mask
+from sere.agreement import agreed_primary, agreement_vector
+from sere.ep.collective import agree_or_raise
 from sere.ep.placement import ExpertPlacement, make_placement, placement_from_rank_experts
 from sere import policy as policies
 from sere.config import SereConfig
@@ -132,11 +133,13 @@ def _agree_and_route(x, topk_ids, topk_weights, experts, placement, cfg, matrix,
     timer["agree"] = time.perf_counter()
 
     step_tokens = sum(tokens)  # the same on every rank: all decide alike whether to re-route
+    cfg = cfg.at(step_tokens)  # policy "tuned": the bucket of the group's step
     primary = None
     if cfg.policy != "topk" and 0 < step_tokens <= cfg.max_decode_tokens:
-        primary = policies.primary_set(cfg, topk_ids, topk_weights, placement.num_experts)  # [E]
+        local = agreement_vector(cfg, topk_ids, topk_weights, placement.num_experts, router_scores)  # [2E]
         if cfg.scope == "ep_group":
-            primary = group_primary_mask(primary, group)  # the same P on every rank
+            dist.all_reduce(local, group=group)  # SUM: the same P (and xshare's mass) on every rank
+        primary = agreed_primary(cfg, local)  # [E]
     timer["primary"] = time.perf_counter()
     ids, weights, _, _ = policies.route(
         cfg, topk_ids, topk_weights, num_experts=placement.num_experts, matrix=matrix,

@@ -1,8 +1,8 @@
 """Expert parallelism for the SERE vLLM plugin: the EP-wide primary set, and two CPU-backend fixes.
 
-1. `primary_allreduce_for(runner)`: with scope "ep_group", the primary set P is the OR of
-   every EP rank's [E] mask (one all-reduce MAX of E int32 per layer and step) whenever the ranks
-   route different tokens (DP attention + all2all dispatch after routing). Where vLLM gathers
+1. `primary_allreduce_for(runner)`: with scope "ep_group", the primary set P is the union of
+   every EP rank's, and xshare selects by the group's gating mass (one all-reduce SUM of 2E
+   float32 per layer and step, `sere.agreement`), whenever the ranks route different tokens (DP attention + all2all dispatch after routing). Where vLLM gathers
    the tokens of all DP ranks *before* routing (the naive / allgather-reducescatter path, the
    only one on CPU) or replicates them (TP only), every rank already sees the same tokens and
    the same P, so no collective is issued (set SERE_EP_ALLREDUCE=1 to force it).
@@ -77,7 +77,8 @@ def opaque_moe_forward(runner) -> bool:
 
 
 def primary_allreduce_for(runner, force: bool = False):
-    """A function [E] bool -> [E] bool (OR over the EP group) for this layer, or None.
+    """A function summing this layer's [2E] agreement vector (`sere.agreement`) over the EP group,
+    or None (no EP).
 
     The routing hook calls it when the config's scope is "ep_group".
 
@@ -89,19 +90,19 @@ def primary_allreduce_for(runner, force: bool = False):
         return None
     decided: list = []
 
-    def allreduce(primary: torch.Tensor) -> torch.Tensor:
+    def allreduce(agreement: torch.Tensor) -> torch.Tensor:
         if not decided:
             replicated = (
                 parallel.dp_size == 1 and not runner.moe_config.is_sequence_parallel
             ) or runner.do_naive_dispatch_combine
             decided.append(force or not replicated)
         if not decided[0]:
-            return primary
+            return agreement
         from vllm.distributed import get_ep_group
 
-        mask = primary.to(torch.int32)  # [E]; gloo/NCCL reduce integers, not bools
-        torch.distributed.all_reduce(mask, op=torch.distributed.ReduceOp.MAX, group=get_ep_group().device_group)
-        return mask.bool()
+        summed = agreement.clone()  # [2E] float32 (sere.agreement): primary mask, gating mass
+        torch.distributed.all_reduce(summed, group=get_ep_group().device_group)  # SUM
+        return summed
 
     return allreduce
 

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 from sere import policy
+from sere.agreement import agreed_primary, agreement_vector
 from sere.vllm import metrics
 from sere.vllm import traffic as ep_traffic
 
@@ -55,8 +56,8 @@ class LayerRoute:
 
     load_matrix: function (layer, cfg) -> ([E, E] float32 sidecar of `policy.matrix_kind(cfg)`,
         threshold for this layer); called when the policy needs a matrix.
-    primary_allreduce: None, or a function OR-ing an [E] bool mask over the EP group (called
-        on every call, prefill included, so that all ranks stay in step).
+    primary_allreduce: None, or a function summing a [2E] agreement vector (`sere.agreement`)
+        over the EP group (called on every call, prefill included, so that all ranks stay in step).
     """
 
     layer_name: str
@@ -155,17 +156,17 @@ def route_layer(
     # NOTE: with an EP-wide primary set every rank must join the collective on every call,
     # whatever its policy or step size, or the group deadlocks.
     collective = state.primary_allreduce is not None and cfg.scope == "ep_group"
-    primary = local_primary = None
+    scores = primary = local_primary = None
+    if in_scope and policy.needs_router_scores(cfg):
+        scores = policy.router_scores(router_logits, state.scoring_func, state.num_experts)  # [T, E]
     if collective or (in_scope and cfg.policy != "topk"):
-        local_primary = policy.primary_set(cfg, topk_ids, topk_weights, state.num_experts, padding)  # [E]
-        primary = state.primary_allreduce(local_primary) if collective else local_primary
+        local = agreement_vector(cfg, topk_ids, topk_weights, state.num_experts, scores, padding)  # [2E]
+        local_primary = local[: state.num_experts] > 0  # [E] this rank's own P
+        primary = agreed_primary(cfg, state.primary_allreduce(local) if collective else local)  # [E]
     state.calls += 1
     if not in_scope:
         stats[1].add_(1)
         return topk_weights.clone(), topk_ids.clone()
-    scores = None
-    if policy.needs_router_scores(cfg):
-        scores = policy.router_scores(router_logits, state.scoring_func, state.num_experts)  # [T, E]
     routed = policy.route(
         cfg, topk_ids, topk_weights, num_experts=state.num_experts,
         matrix=matrix if policy.matrix_kind(cfg) is not None else None, threshold=threshold,
