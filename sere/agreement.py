@@ -5,8 +5,8 @@
     primary = agreed_primary(cfg, local)                    # [E] bool, the same on every rank
     sere.policy.route(cfg, topk_ids, topk_weights, ..., primary=primary)
 
-Every rank contributes its primary-set mask ([E], 1.0 per member) and its tokens' gating mass
-([E], router scores summed over its real rows; zeros when it has none). Summed over the group the
+Every rank contributes its primary-set mask ([E], 1.0 per member) and, for `xshare`, its tokens'
+gating mass ([E], router scores summed over its real rows; zeros for other policies). Summed over the group the
 first half is the union of the primary sets (> 0), and the second the batch's mass, from which
 `xshare` selects its experts (docs/spec.md §18): with that selection as `primary`, every rank's
 `route` picks from the set a single process holding all the group's tokens would pick. The
@@ -41,11 +41,12 @@ def agreement_vector(
 ) -> torch.Tensor:
     """[2E] float32: this rank's primary mask (top-S experts of its real tokens) and gating mass.
 
-    Args: topk_ids / topk_weights [T, K]; router_scores [T, E] post-activation or None (mass 0);
+    Args: topk_ids / topk_weights [T, K]; router_scores [T, E] post-activation or None (mass 0;
+    also 0 unless cfg.policy is xshare);
     padding [>= T] bool, True for rows that are not real tokens (kept out of both halves).
     """
     mask = primary_set(cfg, topk_ids, topk_weights, num_experts, padding).float()  # [E]
-    if router_scores is None:
+    if router_scores is None or cfg.policy != "xshare":  # only xshare reads the mass
         return torch.cat([mask, torch.zeros_like(mask)])
     scores = router_scores[:, :num_experts].float()  # [T, E]
     if padding is not None:

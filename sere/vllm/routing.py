@@ -148,10 +148,10 @@ def route_layer(
     cfg = state.cfg.at(num_tokens)  # policy "tuned": this step size's bucket config
     threshold = state.threshold if cfg is state.cfg else cfg.threshold
     context = _context()
-    padding = None if context is None else context.is_padding
+    own_padding = None if context is None else context.is_padding  # [>= own rows] bool
     # [T] bool. Where vLLM gathers every DP rank's tokens before routing, `is_padding` covers this
     # rank's rows only: the gathered step's padding is then unknown and its rows count as tokens.
-    padding = None if padding is None or padding.shape[0] < num_tokens else padding[:num_tokens]
+    padding = None if own_padding is None or own_padding.shape[0] < num_tokens else own_padding[:num_tokens]
     in_scope = 0 < num_tokens <= cfg.max_decode_tokens  # a decode-sized step
     # NOTE: with an EP-wide primary set every rank must join the collective on every call,
     # whatever its policy or step size, or the group deadlocks.
@@ -178,12 +178,12 @@ def route_layer(
     weights, ids = routed.weights.contiguous(), routed.ids.contiguous()
     if weights.data_ptr() == topk_weights.data_ptr() or ids.data_ptr() == topk_ids.data_ptr():
         weights, ids = weights.clone(), ids.clone()  # a custom op must not return its inputs
-    own_padding = None if context is None else context.is_padding  # this rank's rows
     sent = ep_traffic.count(layer_name, ids, own_padding, context)  # None without EP
     if sent is not None:
         traffic.add_(sent[0])
     if state.record:
-        _record(state, router_logits, topk_weights, topk_ids, weights, ids, primary, local_primary, padding)
+        _record(state, cfg, threshold, router_logits, topk_weights, topk_ids, weights, ids, primary, local_primary,
+                padding)
         with _records_lock:  # the rows this rank counted: (start, stop, its EP rank)
             _records[-1]["ep_rows"] = None if sent is None else sent[1]
     return weights, ids
@@ -194,12 +194,11 @@ def _route_layer_fake(topk_weights, topk_ids, router_logits, matrix, stats, traf
     return torch.empty_like(topk_weights), torch.empty_like(topk_ids)
 
 
-def _record(state: LayerRoute, router_logits, weights_in, ids_in, weights_out, ids_out, primary, local_primary,
-            padding) -> None:
+def _record(state: LayerRoute, applied, threshold, router_logits, weights_in, ids_in, weights_out, ids_out,
+            primary, local_primary, padding) -> None:
     def host(tensor):
         return None if tensor is None else tensor.detach().cpu().clone()
 
-    applied = state.cfg.at(ids_in.shape[0])  # policy "tuned": the bucket's config this step used
     entry = {
         "layer": state.layer,
         "layer_name": state.layer_name,
@@ -209,7 +208,7 @@ def _record(state: LayerRoute, router_logits, weights_in, ids_in, weights_out, i
         "bucket_label": policy.label(applied) if applied is not state.cfg else None,
         "num_primary": applied.num_primary,
         "max_distinct": applied.max_distinct,
-        "threshold": state.threshold if applied is state.cfg else applied.threshold,
+        "threshold": threshold,
         "router_logits": host(router_logits.float()),  # [T, E]
         "router_topk_weights": host(weights_in),  # [T, K] as the router returned them
         "router_topk_ids": host(ids_in),
@@ -233,9 +232,3 @@ def _context():
     if not _forward_context.is_forward_context_available():
         return None
     return _forward_context.get_forward_context()
-
-
-def _padding_rows() -> torch.Tensor | None:
-    """[>= T] bool, True for rows of the current forward pass that are not real tokens."""
-    context = _context()
-    return None if context is None else context.is_padding
