@@ -15,10 +15,10 @@ distinct-expert count (mean, std, standard error and the number of batches where
 below the frontier).
 
 Policies: topk; oea S = 1..7; xshare (arXiv 2602.07265) S = 1 over budgets of 8..48 distinct
-experts, and S = 2 at two budgets; paper sere (cosine and frobenius sidecars, rho = 0 and a
-per-layer quantile); sere-err (substitution error sidecar, renormalised; plain, with OEA's refill
-of dropped slots, and with a budget of distinct experts kept by routing mass, with and without
-refill).
+experts, and S = 2 at two budgets; paper sere (cosine, frobenius and cka sidecars, S = 2 and 4,
+rho = 0, and for cosine also a per-layer quantile); sere-err (substitution error sidecar,
+renormalised; plain, with OEA's refill of dropped slots, and with a budget of distinct experts
+kept by routing mass, with and without refill).
 
 Shape legend: B batch size, L decoded steps per sequence, V vocabulary.
 """
@@ -64,9 +64,8 @@ def default_settings(quantile: float) -> list[dict]:
     out = [_setting("topk", policy="topk")]
     out += [_setting(f"oea S={s}", policy="oea", num_primary=s) for s in range(1, 8)]
     out += [xshare_setting(1, b) for b in XSHARE_BUDGETS] + [xshare_setting(2, b) for b in (16, 32)]
-    for metric, sizes in (("cosine", (2, 4)), ("frobenius", (2,))):
-        for s in sizes:
-            out.append(_setting(f"sere-{metric[:3]} S={s} rho=0", metric, policy="sere", num_primary=s))
+    for metric in ("cosine", "frobenius", "cka"):
+        out += [_setting(f"sere-{metric[:3]} S={s} rho=0", metric, policy="sere", num_primary=s) for s in (2, 4)]
     out += [_setting(f"sere-cos S={s} q={quantile}", "cosine", policy="sere", num_primary=s,
                      threshold_quantile=quantile) for s in (2, 4)]
 
@@ -194,6 +193,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--text", default=str(ROOT / "models/tiny-moe/heldout.txt"))
     parser.add_argument("--cosine", help="cosine sidecar (default MODEL/sere_similarity.safetensors)")
     parser.add_argument("--frobenius", help="default MODEL/sere_similarity.frobenius.safetensors")
+    parser.add_argument("--cka", help="default MODEL/sere_similarity.cka.safetensors")
     parser.add_argument("--error", help="default MODEL/sere_similarity.substitution_error.safetensors")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 16, 32, 64])
     parser.add_argument("--seq-len", type=int, default=128)
@@ -227,6 +227,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     sidecars = {
         "cosine": load(args.cosine or model_dir / "sere_similarity.safetensors"),
         "frobenius": load(args.frobenius or model_dir / "sere_similarity.frobenius.safetensors"),
+        "cka": load(args.cka or model_dir / "sere_similarity.cka.safetensors"),
         "error": load(args.error or model_dir / "sere_similarity.substitution_error.safetensors"),
     }
     settings = default_settings(args.quantile)

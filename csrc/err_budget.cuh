@@ -61,21 +61,49 @@ __device__ void bitonic_sort(KeyT* keys, int len) {
   }
 }
 
-// The weighted error of approximating slot i (expert e): float32(w) * min(c, 1), rounded.
+__host__ __device__ inline size_t align16(size_t bytes) { return (bytes + 15) & ~size_t{15}; }
+
+// Byte offsets of reroute_err's dynamic shared memory; the sort buffer (only with a budget) holds
+// first the [pow2(T * K)] uint32 slot keys, then the [pow2(E)] uint64 expert keys. The best
+// substitutes are per expert, or per slot when node-aware (P_t, hence p*, depends on the token).
+struct SmemLayout {
+  size_t best_err;  // [E] float, node-aware [T * K]
+  size_t mass;      // [E] float
+  size_t best_id;   // [E] int, node-aware [T * K]
+  size_t flags;     // 5 x [E] bytes: in_primary, before, after, needed, keep
+  size_t total;
+};
+
+__host__ __device__ inline SmemLayout smem_layout(int num_slots, int num_experts, bool use_budget, bool node_aware) {
+  const size_t slot_keys = sizeof(uint32_t) * static_cast<size_t>(next_pow2(num_slots));
+  const size_t expert_keys = sizeof(unsigned long long) * static_cast<size_t>(next_pow2(num_experts));
+  const size_t per_expert = align16(sizeof(float) * static_cast<size_t>(num_experts));
+  const size_t per_substitute = node_aware ? align16(sizeof(float) * static_cast<size_t>(num_slots)) : per_expert;
+  SmemLayout layout;
+  layout.best_err = use_budget ? align16(slot_keys > expert_keys ? slot_keys : expert_keys) : 0;
+  layout.mass = layout.best_err + per_substitute;
+  layout.best_id = layout.mass + per_expert;
+  layout.flags = layout.best_id + per_substitute;
+  layout.total = layout.flags + align16(5 * static_cast<size_t>(num_experts));
+  return layout;
+}
+
+// The weighted error of approximating slot i by the substitute whose error is best_err[j] (j: its
+// expert, or the slot when node-aware): float32(w) * min(c, 1), rounded.
 template <typename WeightT>
 __device__ __forceinline__ float slot_cost(const WeightT* __restrict__ topk_weights, const float* best_err, int i,
-                                           int e) {
-  return __fmul_rn(to_float(topk_weights[i]), clamp_max_one(best_err[e]));
+                                           int j) {
+  return __fmul_rn(to_float(topk_weights[i]), clamp_max_one(best_err[j]));
 }
 
 // The budget (call block-uniformly, after the candidates were marked in keep and slot_keys):
 // when the max_distinct - |P| experts it leaves room for are fewer than the candidate experts,
 // keep[e] stays only for those of largest summed cost (ties: lowest id), summed in row-major slot
-// order. The sort buffer holds first the slot keys, then the expert keys.
-template <typename WeightT>
+// order; cost_of(i, e) is candidate slot i's cost. |P| is the whole mask's size, node-aware too.
+// The sort buffer holds first the slot keys, then the expert keys.
+template <typename CostOf>
 __device__ void apply_budget(
-    const WeightT* __restrict__ topk_weights,  // [T, K]
-    const float* best_err,                     // [E]
+    const CostOf& cost_of,                     // (slot index, expert) -> float cost
     const unsigned char* in_primary,           // [E]
     uint32_t* slot_keys,                       // [pow2(T*K)]
     unsigned long long* expert_keys,           // [pow2(E)], the same buffer
@@ -87,7 +115,6 @@ __device__ void apply_budget(
     int* num_candidates,                       // shared, zeroed
     int* num_primary_experts) {                // shared, zeroed
   const int tid = threadIdx.x;
-  const auto cost_of = [&](int i, int e) { return slot_cost(topk_weights, best_err, i, e); };
   unsigned count_candidates = 0;
   unsigned count_primary = 0;
   for (int e = tid; e < num_experts; e += blockDim.x) {

@@ -1,6 +1,7 @@
 // The fill step shared by the CPU kernels of sere::oea (oea_cpu.cpp) and of sere::reroute_err's
 // refill (reroute_err_cpu.cpp, refill_token below): for one token, the loaded experts it has not
-// chosen yet, best router score first (sere.reference.oea_reference / refill_dropped).
+// chosen yet and may use (the allowed row of node-aware routing, docs/spec.md §21), best router
+// score first (sere.reference.oea_reference / refill_dropped).
 //
 // Shape legend: T tokens, K top-k slots, S = num_primary, E experts.
 //
@@ -19,6 +20,8 @@
 #include <cstdint>
 #include <limits>
 #include <vector>
+
+#include "reroute_cpu_common.h"
 
 namespace sere {
 
@@ -64,11 +67,13 @@ inline bool fills_before(float a, int32_t a_id, float b, int32_t b_id) {
 }
 
 // The first `count` candidates of token t in that order: experts of `loaded_ids` (ascending)
-// with excluded_stamp[e] != stamp and a score other than -inf. Writes picks[0..n), returns n.
+// that the token may use (`row`, nullptr: all), with excluded_stamp[e] != stamp and a score other
+// than -inf. Writes picks[0..n), returns n.
 inline int64_t pick_fill_candidates(
     const ScoreRows& scores,
     int64_t t,
     const std::vector<int32_t>& loaded_ids,
+    const bool* row,                             // [E] the token's allowed experts, or nullptr
     const std::vector<int64_t>& excluded_stamp,  // [E]
     int64_t stamp,
     int64_t count,
@@ -78,7 +83,7 @@ inline int64_t pick_fill_candidates(
     return 0;
   }
   for (const int32_t e : loaded_ids) {
-    if (excluded_stamp[e] == stamp) {
+    if (excluded_stamp[e] == stamp || !may_use(row, e)) {
       continue;
     }
     const float score = scores.at(t, e);
@@ -106,7 +111,7 @@ inline float clamp_min_tiny(float x) {
 }
 
 // Refill of token t (sere.reference.refill_dropped): its j-th live dropped slot takes the j-th
-// loaded expert that its new ids do not hold yet, best router score first, with weight
+// loaded expert it may use that its new ids do not hold yet, best router score first, with weight
 // score x (sum of its top-k weights / sum of their scores); a slot without one stays dropped.
 template <typename IdT, typename WeightT>
 void refill_token(
@@ -114,6 +119,7 @@ void refill_token(
     const WeightT* topk_weights,          // [T, K]
     const ScoreRows& scores,              // [T, E]
     const std::vector<int32_t>& loaded_ids,
+    const bool* allowed,                  // [E] token t's allowed experts, or nullptr
     const std::vector<int64_t>& live_drops,  // slots s of token t, ascending
     int64_t t,
     int64_t top_k,
@@ -131,7 +137,7 @@ void refill_token(
   }
   const float scale = weight_sum / clamp_min_tiny(score_sum);  // weight per unit of router score
   const int64_t count = static_cast<int64_t>(live_drops.size());
-  const int64_t num_picks = pick_fill_candidates(scores, t, loaded_ids, excluded, t, count, picks.data());
+  const int64_t num_picks = pick_fill_candidates(scores, t, loaded_ids, allowed, excluded, t, count, picks.data());
   for (int64_t j = 0; j < num_picks; ++j) {
     if (picks[j].fills()) {
       new_ids[row + live_drops[j]] = static_cast<IdT>(picks[j].id);

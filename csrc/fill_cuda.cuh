@@ -1,6 +1,7 @@
 // The fill step shared by the CUDA kernels of sere::oea (oea_cuda.cu) and of sere::reroute_err's
 // refill (reroute_err_cuda.cu): for one token, the loaded experts it has not chosen yet, best
-// router score first (sere.reference.oea_reference / refill_dropped). Toolkit only.
+// router score first (sere.reference.oea_reference / refill_dropped); and reroute_err's refill
+// and renormalisation of the weights. Toolkit only.
 //
 // Shape legend: T tokens, K top-k slots, S = num_primary, E experts.
 //
@@ -107,5 +108,80 @@ __device__ int warp_fill_picks(
 
 // max(x, 1e-20f) as torch's clamp_min: a NaN stays NaN.
 __device__ __forceinline__ float clamp_min_tiny(float x) { return x < 1e-20f ? 1e-20f : x; }
+
+// Refill of token t by one whole warp (sere.reference.refill_dropped; call warp-uniformly):
+// its j-th dropped slot with a nonzero weight takes the j-th loaded expert that its new ids do
+// not hold yet, best router score first, with weight score x (sum of its top-k weights / sum of
+// their scores); a slot without one (or with a NaN score) stays dropped.
+template <typename IdT, typename WeightT, typename Loaded, typename Dropped>
+__device__ void refill_token(
+    const IdT* __restrict__ topk_ids,          // [T, K]
+    const WeightT* __restrict__ topk_weights,  // [T, K]
+    const ScoreView& scores,                   // [T, E]
+    IdT* new_ids,                              // [T, K], decided
+    WeightT* new_weights,                      // [T, K], decided
+    int t,
+    int top_k,
+    int num_experts,
+    const Loaded& is_loaded,
+    const Dropped& is_dropped) {               // is_dropped(slot index i)
+  const int row = t * top_k;
+  const auto is_live = [&](int s) { return is_dropped(row + s) && to_float(topk_weights[row + s]) != 0.0f; };
+  int count = 0;
+  float weight_sum = 0.0f;
+  float score_sum = 0.0f;
+  for (int s = 0; s < top_k; ++s) {
+    count += is_live(s);
+    const IdT e = topk_ids[row + s];
+    weight_sum = __fadd_rn(weight_sum, to_float(topk_weights[row + s]));
+    score_sum = __fadd_rn(score_sum, valid_id(e, num_experts) ? score_at(scores, t, static_cast<int>(e)) : 0.0f);
+  }
+  if (count == 0) {
+    return;
+  }
+  const float scale = __fdiv_rn(weight_sum, clamp_min_tiny(score_sum));  // weight per unit of score
+  const auto is_excluded = [&](int e) {  // chosen by the token already (before the refill)
+    for (int s = 0; s < top_k; ++s) {
+      if (!is_live(s) && new_ids[row + s] == static_cast<IdT>(e)) {  // lane 0 writes only live slots
+        return true;
+      }
+    }
+    return false;
+  };
+  const auto on_pick = [&](int j, int e, float score) {
+    if (threadIdx.x % kWarpSize != 0 || isnan(score)) {
+      return;
+    }
+    for (int s = 0, rank = 0; s < top_k; ++s) {
+      if (is_live(s) && rank++ == j) {
+        new_ids[row + s] = static_cast<IdT>(e);
+        new_weights[row + s] = from_float<WeightT>(__fmul_rn(score, scale));
+      }
+    }
+  };
+  warp_fill_picks(scores, t, num_experts, count, is_loaded, is_excluded, on_pick);
+}
+
+// Every token's weights rescaled to its original sum (sere.reference.renormalize_weights).
+template <typename WeightT>
+__device__ void renormalize_tokens(
+    const WeightT* __restrict__ topk_weights,  // [T, K]
+    WeightT* new_weights,                      // [T, K]
+    int num_tokens,
+    int top_k) {
+  for (int t = threadIdx.x; t < num_tokens; t += blockDim.x) {
+    const int64_t row = static_cast<int64_t>(t) * top_k;
+    float old_sum = 0.0f;
+    float new_sum = 0.0f;
+    for (int s = 0; s < top_k; ++s) {
+      old_sum = __fadd_rn(old_sum, to_float(topk_weights[row + s]));
+      new_sum = __fadd_rn(new_sum, to_float(new_weights[row + s]));
+    }
+    const float scale = __fdiv_rn(old_sum, new_sum);
+    for (int s = 0; s < top_k; ++s) {
+      new_weights[row + s] = from_float<WeightT>(__fmul_rn(to_float(new_weights[row + s]), scale));
+    }
+  }
+}
 
 }  // namespace sere

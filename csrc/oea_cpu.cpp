@@ -3,7 +3,8 @@
 // Shape legend: T tokens, K top-k slots, S = num_primary, E experts.
 // Pass 1 checks every id and builds P (or takes the caller's mask). Pass 2, per token: its S
 // primary slots stay; its K - S other slots take the experts of P it has not chosen among its
-// first S, best router score first (fill_cpu.h); a slot left without one repeats the token's
+// first S, best router score first (fill_cpu.h); with an allowed mask (node-aware routing,
+// docs/spec.md §21) only those of P_t = P & allowed[t]; a slot left without one repeats the token's
 // slot-0 expert with weight 0. The new weights are the router scores of the K experts rescaled
 // to the token's original weight sum.
 //
@@ -32,6 +33,7 @@ int64_t fill_token(
     const IdT* row,                  // [K] the token's ids
     const ScoreRows& scores,         // [T, E]
     const std::vector<int32_t>& primary_ids,
+    const bool* allowed,             // [E] the token's allowed experts, or nullptr
     int64_t t,
     const SlotDims& dims,
     std::vector<int64_t>& excluded,  // [E] == t: among token t's primaries
@@ -44,7 +46,7 @@ int64_t fill_token(
     excluded[row[s]] = t;
   }
   const int64_t width = dims.top_k - dims.num_primary;
-  const int64_t num_picks = pick_fill_candidates(scores, t, primary_ids, excluded, t, width, picks.data());
+  const int64_t num_picks = pick_fill_candidates(scores, t, primary_ids, allowed, excluded, t, width, picks.data());
   int64_t unfilled = 0;
   for (int64_t j = 0; j < width; ++j) {
     const int64_t s = dims.num_primary + j;
@@ -63,6 +65,7 @@ void oea_kernel(
     const WeightT* topk_weights,  // [T, K]
     const ScoreRows& scores,      // [T, E]
     const bool* primary,          // [E] or nullptr
+    const bool* allowed,          // [T, E] or nullptr
     IdT* new_ids,                 // [T, K]
     WeightT* new_weights,         // [T, K]
     int64_t* stats) {             // [6]
@@ -79,7 +82,8 @@ void oea_kernel(
   for (int64_t t = 0; t < dims.num_tokens; ++t) {
     const IdT* row = topk_ids + t * top_k;  // [K]
     IdT* out = new_ids + t * top_k;         // [K]
-    dropped_slots += fill_token(row, scores, primary_ids, t, dims, excluded, picks, out, raw.data());
+    const bool* allowed_t = allowed_row(allowed, t, dims.num_experts);  // [E] or nullptr
+    dropped_slots += fill_token(row, scores, primary_ids, allowed_t, t, dims, excluded, picks, out, raw.data());
     float weight_sum = 0.0f;
     float raw_sum = 0.0f;
     for (int64_t s = 0; s < top_k; ++s) {
@@ -112,8 +116,8 @@ IdsWeightsAndStats oea_cpu(const OeaCall& call) {
       using WeightT = decltype(weight_tag);
       oea_kernel<IdT, WeightT>(
           dims, call.topk_ids.data_ptr<IdT>(), call.topk_weights.data_ptr<WeightT>(), scores,
-          primary_data(call.primary), new_ids.data_ptr<IdT>(), new_weights.data_ptr<WeightT>(),
-          stats.data_ptr<int64_t>());
+          primary_data(call.primary), allowed_mask_data(call.allowed), new_ids.data_ptr<IdT>(),
+          new_weights.data_ptr<WeightT>(), stats.data_ptr<int64_t>());
     });
   });
   return {new_ids, new_weights, stats};

@@ -5,7 +5,8 @@
 //
 // ONE launch of one block (decode sizes, T * K <= kSingleBlockMaxSlots): the block builds P and
 // the "before" set in shared memory; then a warp per token picks, one round per slot, the next
-// expert of P that the token has not among its S primaries, best router score first
+// expert of P (node-aware: of the token's P_t = P & allowed[t]) that the token has not among its
+// S primaries, best router score first
 // (fill_cuda.cuh); lane 0 writes the token's K ids and weights (router scores rescaled to the
 // token's original weight sum, summed left to right) and counts its statistics.
 //
@@ -111,7 +112,10 @@ __global__ void __launch_bounds__(kThreads) oea_kernel(OeaArgs<IdT, WeightT> arg
       }
     };
     const int width = top_k - num_primary;
-    const int num_picks = warp_fill_picks(args.router_scores, t, num_experts, width, is_loaded, is_excluded, on_pick);
+    const int num_picks = within_allowed(
+        allowed_row_of(args.allowed, t, num_experts), is_loaded, [&](const auto& is_loaded_here) {
+          return warp_fill_picks(args.router_scores, t, num_experts, width, is_loaded_here, is_excluded, on_pick);
+        });
     if (lane == 0) {
       for (int s = 0; s < top_k; ++s) {
         if (s < num_primary || s >= num_primary + num_picks) {

@@ -34,8 +34,8 @@ inline IdsWeightsAndStats empty_weighted_outputs(const at::Tensor& topk_ids, con
 template <IdsAndStats (*Run)(const RerouteCall&)>
 IdsAndStats reroute_entry(
     const at::Tensor& topk_ids, const at::Tensor& similarity, int64_t num_primary, double threshold,
-    const std::optional<at::Tensor>& primary) {
-  const RerouteCall call{{topk_ids, num_primary, primary}, similarity, threshold};
+    const std::optional<at::Tensor>& primary, const std::optional<at::Tensor>& allowed) {
+  const RerouteCall call{{topk_ids, num_primary, primary, allowed}, similarity, threshold};
   check_args(call);
   return Run(call);
 }
@@ -44,9 +44,10 @@ template <IdsWeightsAndStats (*Run)(const RerouteErrCall&)>
 IdsWeightsAndStats reroute_err_entry(
     const at::Tensor& topk_ids, const at::Tensor& topk_weights, const at::Tensor& error, int64_t num_primary,
     double tolerance, double keep_cost, int64_t max_distinct, bool renormalize,
-    const std::optional<at::Tensor>& primary, const std::optional<at::Tensor>& router_scores) {
+    const std::optional<at::Tensor>& primary, const std::optional<at::Tensor>& router_scores,
+    const std::optional<at::Tensor>& allowed) {
   const RerouteErrCall call{
-      {topk_ids, num_primary, primary}, topk_weights, error, tolerance, keep_cost, max_distinct, renormalize,
+      {topk_ids, num_primary, primary, allowed}, topk_weights, error, tolerance, keep_cost, max_distinct, renormalize,
       router_scores};
   check_args(call);
   return Run(call);
@@ -55,8 +56,8 @@ IdsWeightsAndStats reroute_err_entry(
 template <IdsWeightsAndStats (*Run)(const OeaCall&)>
 IdsWeightsAndStats oea_entry(
     const at::Tensor& topk_ids, const at::Tensor& topk_weights, const at::Tensor& router_scores,
-    int64_t num_primary, const std::optional<at::Tensor>& primary) {
-  const OeaCall call{{topk_ids, num_primary, primary}, topk_weights, router_scores};
+    int64_t num_primary, const std::optional<at::Tensor>& primary, const std::optional<at::Tensor>& allowed) {
+  const OeaCall call{{topk_ids, num_primary, primary, allowed}, topk_weights, router_scores};
   check_args(call);
   return Run(call);
 }

@@ -53,22 +53,37 @@ void check_expert_matrix(const at::Tensor& matrix, const char* name, const at::T
   TORCH_CHECK_VALUE(matrix.is_contiguous(), name, " must be contiguous");
 }
 
-// The optional [E] bool primary mask on the device of topk_ids.
+// A bool mask of the given sizes, contiguous, on the device of topk_ids; shape_text() describes
+// the sizes in the message (called only when the check fails).
+template <typename ShapeText>
+void check_mask(
+    const at::Tensor& mask, const char* name, const at::Tensor& topk_ids, at::IntArrayRef sizes,
+    const ShapeText& shape_text) {
+  TORCH_CHECK_VALUE(
+      mask.device() == topk_ids.device(), name, " must be on the device of topk_ids (",
+      topk_ids.device(), "), got ", mask.device());
+  TORCH_CHECK_VALUE(mask.sizes() == sizes, name, " must be a ", shape_text(), " mask, got shape ", mask.sizes());
+  TORCH_CHECK_TYPE(mask.scalar_type() == at::kBool, name, " must be bool, got ", dtype_name(mask.scalar_type()));
+  TORCH_CHECK_VALUE(mask.is_contiguous(), name, " must be contiguous");
+}
+
+// The optional [E] bool primary mask.
 void check_primary(
     const std::optional<at::Tensor>& primary, const at::Tensor& topk_ids, int64_t num_experts) {
-  if (!primary.has_value()) {
-    return;
+  if (primary.has_value()) {
+    check_mask(*primary, "primary", topk_ids, {num_experts},
+               [&] { return c10::str("1-D [num_experts=", num_experts, "]"); });
   }
-  const at::Tensor& mask = *primary;
-  TORCH_CHECK_VALUE(
-      mask.device() == topk_ids.device(), "primary must be on the device of topk_ids (",
-      topk_ids.device(), "), got ", mask.device());
-  TORCH_CHECK_VALUE(
-      mask.dim() == 1 && mask.size(0) == num_experts,
-      "primary must be a 1-D [num_experts=", num_experts, "] mask, got shape ", mask.sizes());
-  TORCH_CHECK_TYPE(
-      mask.scalar_type() == at::kBool, "primary must be bool, got ", dtype_name(mask.scalar_type()));
-  TORCH_CHECK_VALUE(mask.is_contiguous(), "primary must be contiguous");
+}
+
+// The optional [T, E] bool allowed mask (node-aware routing, docs/spec.md §21).
+void check_allowed(
+    const std::optional<at::Tensor>& allowed, const at::Tensor& topk_ids, int64_t num_experts) {
+  const int64_t num_tokens = topk_ids.size(0);
+  if (allowed.has_value()) {
+    check_mask(*allowed, "allowed", topk_ids, {num_tokens, num_experts},
+               [&] { return c10::str("2-D [num_tokens=", num_tokens, ", num_experts=", num_experts, "]"); });
+  }
 }
 
 // A [T, E] float32/bfloat16/float16 contiguous score matrix on the device of topk_ids.
@@ -110,6 +125,7 @@ void check_args(const RerouteCall& call) {
   TORCH_CHECK_VALUE(
       call.threshold >= 0.0 && call.threshold <= 1.0, "threshold must be in [0, 1], got ", call.threshold);
   check_primary(call.primary, call.topk_ids, call.num_experts());
+  check_allowed(call.allowed, call.topk_ids, call.num_experts());
 }
 
 void check_args(const RerouteErrCall& call) {
@@ -124,6 +140,7 @@ void check_args(const RerouteErrCall& call) {
   if (call.router_scores.has_value()) {
     check_scores(*call.router_scores, call.topk_ids, call.num_experts());
   }
+  check_allowed(call.allowed, call.topk_ids, call.num_experts());
 }
 
 void check_args(const OeaCall& call) {
@@ -135,6 +152,7 @@ void check_args(const OeaCall& call) {
       call.router_scores.sizes());
   check_scores(call.router_scores, call.topk_ids, call.num_experts());
   check_primary(call.primary, call.topk_ids, call.num_experts());
+  check_allowed(call.allowed, call.topk_ids, call.num_experts());
 }
 
 void check_args(const PrimaryMaskCall& call) {

@@ -26,6 +26,8 @@ struct SlotsCall {
   const at::Tensor& topk_ids;                // [T, K] int32/int64
   int64_t num_primary;                       // S
   const std::optional<at::Tensor>& primary;  // [E] bool, or none: P from the first S slots
+  const std::optional<at::Tensor>& allowed;  // [T, E] bool, or none: node-aware routing
+                                             // (docs/spec.md §21), token t's P is P & allowed[t]
 };
 
 // sere::reroute (policy `sere`, docs/spec.md §6).

@@ -1,5 +1,6 @@
 // Bookkeeping shared by the CPU kernels (reroute_cpu.cpp, reroute_err_cpu.cpp, oea_cpu.cpp): the
-// sizes, the id range check, the per-expert flags and the first pass that builds P.
+// sizes, the id range check, the per-expert flags, the first pass that builds P and the per-token
+// rows of the optional allowed mask (node-aware routing, docs/spec.md §21).
 //
 // Shape legend: T tokens, K top-k slots, S = num_primary, E experts.
 #pragma once
@@ -8,6 +9,7 @@
 #include <c10/util/Exception.h>
 
 #include <cstdint>
+#include <optional>
 #include <vector>
 
 namespace sere {
@@ -72,6 +74,27 @@ std::vector<int32_t> mark_before_and_primary(
     }
   }
   return primary_ids;
+}
+
+// The data of the optional [T, E] bool allowed mask (node-aware routing, docs/spec.md §21), or
+// nullptr: every expert allowed (the plain policy).
+inline const bool* allowed_mask_data(const std::optional<at::Tensor>& allowed) {
+  return allowed.has_value() ? allowed->data_ptr<bool>() : nullptr;
+}
+
+// Token t's [E] row of the allowed mask, or nullptr (no mask: every expert allowed).
+inline const bool* allowed_row(const bool* allowed, int64_t t, int64_t num_experts) {
+  return allowed == nullptr ? nullptr : allowed + t * num_experts;
+}
+
+// Whether a token with this allowed row (nullptr: no mask) may use expert e.
+inline bool may_use(const bool* row, int64_t e) {
+  return row == nullptr || row[e];
+}
+
+// Whether e is in the token's own primary set P_t = P & allowed[t] (P without a mask).
+inline bool in_token_primary(const std::vector<uint8_t>& flags, const bool* row, int64_t e) {
+  return (flags[e] & kInPrimary) && may_use(row, e);
 }
 
 // stats[0] = distinct_before, stats[1] = distinct_after (sere.reference.STAT_FIELDS order).

@@ -9,6 +9,8 @@
 // computes the target of every expert and zeroes the workspace; slot_kernel (a grid over the
 // slots) rewrites them, and its last block to finish (threadfence-reduction pattern) sums the
 // per-expert flags into the statistics. No memset, no host sync, fixed-size workspace.
+// Node-aware (args.allowed, docs/spec.md §21): the target depends on the token's P_t = P &
+// allowed[t], so no per-expert table: both paths rewrite a slot per warp (token_target_warp).
 #include "reroute_cuda.cuh"
 
 #include <math.h>
@@ -25,20 +27,33 @@ constexpr int kSlotsPerThread = 8;
 constexpr int64_t kSlotsPerBlock = int64_t{kSlotThreads} * kSlotsPerThread;
 constexpr size_t kWorkspaceHeader = 32;  // 2 x u64 counters, u32 ticket, padding
 
-// New expert for a non-primary expert e, computed by one whole warp (call warp-uniformly):
-// p* = argmax_{p in P} sim[e, p] with ties to the lowest id, or e itself (kept) when P is empty,
-// when the maximum is -inf or NaN (a NaN entry to P makes the reference's max NaN: warp vote),
-// or when use_threshold and sim[e, p*] < threshold.
+// New expert for an expert e outside P_t (P_t = P & allowed_row, or P without a row), computed by
+// one whole warp (call warp-uniformly): p* = argmax_{p in P_t} sim[e, p] with ties to the lowest
+// id, or e itself (kept) when P_t is empty, when the maximum is -inf or NaN (a NaN entry to P_t
+// makes the reference's max NaN: warp vote), or when use_threshold, sim[e, p*] < threshold and e
+// is allowed (a critical expert; one on a unit the token may not use is re-routed anyway).
 template <typename IdT, typename SimT>
-__device__ int nearest_primary_warp(const RerouteArgs<IdT, SimT>& args, const unsigned char* in_primary, int e) {
+__device__ int nearest_primary_warp(
+    const RerouteArgs<IdT, SimT>& args, const unsigned char* in_primary, const bool* allowed_row, int e) {
   float best;
   int best_id;
   const bool saw_nan = warp_best_over_primary</*kLargest=*/true>(
-      args.similarity + static_cast<int64_t>(e) * args.num_experts, in_primary, args.num_experts, best, best_id);
-  if (saw_nan || best_id == args.num_experts || (args.use_threshold && best < args.threshold)) {
+      args.similarity + static_cast<int64_t>(e) * args.num_experts, in_primary, allowed_row, args.num_experts, best,
+      best_id);
+  const bool is_allowed = allowed_row == nullptr || allowed_row[e];
+  if (saw_nan || best_id == args.num_experts || (args.use_threshold && best < args.threshold && is_allowed)) {
     return e;  // nothing loaded or comparable, or a critical expert: kept
   }
   return best_id;
+}
+
+// Node-aware target of slot i holding the valid id e, by one whole warp: e when it is in the
+// token's P_t, else nearest_primary_warp over P_t.
+template <typename IdT, typename SimT>
+__device__ int token_target_warp(
+    const RerouteArgs<IdT, SimT>& args, const unsigned char* in_primary, int64_t i, int e) {
+  const bool* allowed_row = allowed_row_of(args.allowed, i / args.top_k, args.num_experts);  // [E]
+  return in_primary[e] && allowed_row[e] ? e : nearest_primary_warp(args, in_primary, allowed_row, e);
 }
 
 struct Workspace {
@@ -62,53 +77,26 @@ Workspace carve_workspace(void* base, int num_experts) {
   return ws;
 }
 
-// Rewrites the slots first, first + blockDim.x, ... < end: a secondary slot whose expert e is
-// valid and outside P takes target[e], counted as rerouted, or as critical when target[e] == e.
-// Marks after[new id] and, when `before` is given, before[e]; an invalid id is copied and marked
-// nowhere. Adds the block's rerouted and critical slots to counts[0], counts[1].
-template <typename IdT>
-__device__ __forceinline__ void rewrite_slots(
-    const SlotArgs<IdT>& args,
+// Rewrites the slots [first, end) (rewrite_slots, reroute_common.cuh). Node-aware: a warp per
+// slot, against its token's P_t; else a thread per slot through the per-expert table target.
+template <typename IdT, typename SimT>
+__device__ __forceinline__ void rewrite_block_slots(
+    const RerouteArgs<IdT, SimT>& args,
     int64_t first,
     int64_t end,
-    const int* target,                 // [E]
+    const int* target,                 // [E], unused when node-aware
     const unsigned char* in_primary,   // [E]
     unsigned char* before,             // [E] or nullptr
     unsigned char* after,              // [E]
     unsigned long long* counts) {      // [2]
-  const IdT* __restrict__ topk_ids = args.topk_ids;  // [T, K]
-  IdT* __restrict__ new_ids = args.new_ids;          // [T, K]
-  unsigned rerouted = 0;
-  unsigned critical = 0;
-  for (int64_t i = first; i < end; i += blockDim.x) {
-    const IdT e = topk_ids[i];
-    IdT new_e = e;
-    if (valid_id(e, args.num_experts)) {
-      if (before != nullptr) {
-        before[e] = 1;
-      }
-      if (i % args.top_k >= args.num_primary && !in_primary[e]) {
-        new_e = static_cast<IdT>(target[e]);
-        rerouted += new_e != e;
-        critical += new_e == e;
-      }
-      after[new_e] = 1;
-    }
-    new_ids[i] = new_e;
-  }
-  add_to_totals({rerouted, critical}, counts);
-}
-
-// P from the primary slots: flags[e] = 1 for every valid id e in a slot < S.
-template <typename IdT, typename FlagT>
-__device__ __forceinline__ void mark_primary_slots(const SlotArgs<IdT>& args, FlagT* flags) {  // [E]
-  const int num_primary = args.num_primary;
-  const int64_t num_primary_slots = args.num_tokens * num_primary;
-  for (int64_t j = threadIdx.x; j < num_primary_slots; j += blockDim.x) {
-    const IdT e = args.topk_ids[(j / num_primary) * args.top_k + j % num_primary];
-    if (valid_id(e, args.num_experts)) {
-      flags[e] = 1;
-    }
+  if (args.allowed != nullptr) {  // block-uniform
+    const auto target_of = [&](int64_t i, IdT e) {
+      return token_target_warp(args, in_primary, i, static_cast<int>(e));
+    };
+    rewrite_slots</*kWarpPerSlot=*/true>(args, first, end, target_of, in_primary, before, after, counts);
+  } else {
+    const auto target_of = [&](int64_t, IdT e) { return in_primary[e] ? static_cast<int>(e) : target[e]; };
+    rewrite_slots</*kWarpPerSlot=*/false>(args, first, end, target_of, in_primary, before, after, counts);
   }
 }
 
@@ -144,8 +132,8 @@ __global__ void __launch_bounds__(kSingleBlockThreads) single_block_kernel(Rerou
   const int warp = tid / kWarpSize;
   const int num_warps = blockDim.x / kWarpSize;
   for (int e = warp; e < num_experts; e += num_warps) {
-    if (needed[e] && !in_primary[e]) {  // warp-uniform
-      const int new_e = nearest_primary_warp(args, in_primary, e);
+    if (args.allowed == nullptr && needed[e] && !in_primary[e]) {  // warp-uniform; node-aware: no table
+      const int new_e = nearest_primary_warp(args, in_primary, nullptr, e);
       if (tid % kWarpSize == 0) {
         target[e] = new_e;
       }
@@ -154,7 +142,7 @@ __global__ void __launch_bounds__(kSingleBlockThreads) single_block_kernel(Rerou
   __syncthreads();
 
   // before was marked by the first pass
-  rewrite_slots(args, tid, num_slots, target, in_primary, nullptr, after, &totals[3]);
+  rewrite_block_slots(args, 0, num_slots, target, in_primary, nullptr, after, &totals[3]);
   __syncthreads();
 
   add_distinct_counts(before, after, in_primary, num_experts, totals);
@@ -190,9 +178,9 @@ __global__ void __launch_bounds__(kPrepareThreads) prepare_kernel(RerouteArgs<Id
   const int num_warps = blockDim.x / kWarpSize;
   for (int e = warp; e < num_experts; e += num_warps) {
     const bool is_primary = in_primary[e] != 0;  // warp-uniform
-    const int new_e = is_primary
+    const int new_e = is_primary || args.allowed != nullptr  // node-aware: no table
         ? e
-        : nearest_primary_warp(args, in_primary, e);
+        : nearest_primary_warp(args, in_primary, nullptr, e);
     if (tid % kWarpSize == 0) {
       ws.target[e] = new_e;
       ws.in_primary[e] = is_primary;
@@ -201,8 +189,8 @@ __global__ void __launch_bounds__(kPrepareThreads) prepare_kernel(RerouteArgs<Id
 }
 
 // A grid over the slots; the last block to finish writes the statistics.
-template <typename IdT>
-__global__ void __launch_bounds__(kSlotThreads) slot_kernel(SlotArgs<IdT> args, Workspace ws) {
+template <typename IdT, typename SimT>
+__global__ void __launch_bounds__(kSlotThreads) slot_kernel(RerouteArgs<IdT, SimT> args, Workspace ws) {
   const int num_experts = args.num_experts;
   extern __shared__ __align__(16) unsigned char smem[];
   int* target = reinterpret_cast<int*>(smem);                    // [E]
@@ -223,7 +211,7 @@ __global__ void __launch_bounds__(kSlotThreads) slot_kernel(SlotArgs<IdT> args, 
   const int64_t num_slots = args.num_tokens * args.top_k;
   const int64_t begin = blockIdx.x * kSlotsPerBlock;
   const int64_t end = begin + kSlotsPerBlock < num_slots ? begin + kSlotsPerBlock : num_slots;
-  rewrite_slots(args, begin + tid, end, target, in_primary, before, after, ws.counters);
+  rewrite_block_slots(args, begin, end, target, in_primary, before, after, ws.counters);
   __syncthreads();
   for (int e = tid; e < num_experts; e += blockDim.x) {
     if (before[e]) {
@@ -294,8 +282,7 @@ cudaError_t launch_reroute(const RerouteArgs<IdT, SimT>& args, cudaStream_t stre
   prepare_kernel<IdT, SimT><<<1, kPrepareThreads, static_cast<size_t>(args.num_experts), stream>>>(args, ws);
   const int64_t num_blocks = (num_slots + kSlotsPerBlock - 1) / kSlotsPerBlock;
   const size_t smem = (sizeof(int) + 3) * static_cast<size_t>(args.num_experts);
-  slot_kernel<IdT><<<static_cast<unsigned>(num_blocks), kSlotThreads, smem, stream>>>(
-      static_cast<const SlotArgs<IdT>&>(args), ws);
+  slot_kernel<IdT, SimT><<<static_cast<unsigned>(num_blocks), kSlotThreads, smem, stream>>>(args, ws);
   return cudaGetLastError();
 }
 

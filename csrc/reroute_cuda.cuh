@@ -9,6 +9,8 @@
 // counted in no statistic. The CPU op rejects such ids.
 // NOTE: non-finite similarities follow the reference: an expert whose row has a NaN among its
 // entries to P, or only -inf entries, keeps its place (counted as critical); +inf is a maximum.
+// NOTE: node-aware routing (SlotArgs::allowed) reads the entries to P_t only; without `allowed`
+// the kernels compute exactly as before: the same launches and memory, plus uniform nullptr tests.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -47,6 +49,8 @@ struct SlotArgs {
   using Id = IdT;
   const IdT* topk_ids;  // [T, K], IdT = int32_t or int64_t, contiguous
   const bool* primary;  // [E], or nullptr: P from the first S slots of topk_ids
+  const bool* allowed;  // [T, E] contiguous, or nullptr: node-aware routing (docs/spec.md §21),
+                        // token t's primary set is P_t = P & allowed[t]
   IdT* new_ids;         // [T, K], contiguous, a buffer distinct from topk_ids
   int64_t* stats;       // [5] STAT_FIELDS (sere::reroute) or [6] ERR_STAT_FIELDS (the others)
   int64_t num_tokens;

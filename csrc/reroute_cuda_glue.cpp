@@ -74,10 +74,12 @@ T* cuda_data(const at::Tensor& tensor) {
   return reinterpret_cast<T*>(tensor.data_ptr());
 }
 
-// The slots, P, sizes and outputs of a checked call (RerouteCall, RerouteErrCall, OeaCall).
+// The slots, P, the node-aware mask, sizes and outputs of a checked call (RerouteCall,
+// RerouteErrCall, OeaCall). No mask: a nullptr the kernels test, nothing allocated.
 template <typename IdT, typename Call>
 SlotArgs<IdT> slot_args(const Call& call, at::Tensor& new_ids, at::Tensor& stats) {
-  return {call.topk_ids.template data_ptr<IdT>(), primary_data(call.primary), new_ids.data_ptr<IdT>(),
+  const bool* allowed = call.allowed.has_value() ? call.allowed->template data_ptr<bool>() : nullptr;  // [T, E]
+  return {call.topk_ids.template data_ptr<IdT>(), primary_data(call.primary), allowed, new_ids.data_ptr<IdT>(),
           stats.data_ptr<int64_t>(), call.topk_ids.size(0), static_cast<int>(call.topk_ids.size(1)),
           static_cast<int>(call.num_primary), static_cast<int>(call.num_experts())};
 }
@@ -139,7 +141,7 @@ at::Tensor primary_mask_cuda(const PrimaryMaskCall& call) {
     cudaError_t status = cudaSuccess;
     dispatch_ids(topk_ids, [&](auto id_tag) {
       using IdT = decltype(id_tag);
-      const SlotArgs<IdT> slots{topk_ids.data_ptr<IdT>(), nullptr, nullptr, nullptr, topk_ids.size(0),
+      const SlotArgs<IdT> slots{topk_ids.data_ptr<IdT>(), nullptr, nullptr, nullptr, nullptr, topk_ids.size(0),
                                 static_cast<int>(topk_ids.size(1)), static_cast<int>(call.num_primary),
                                 static_cast<int>(call.num_experts)};
       status = launch_primary_mask(slots, mask.data_ptr<bool>(), stream);

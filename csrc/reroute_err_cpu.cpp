@@ -9,6 +9,9 @@
 // Pass 3 decides every slot (keep / substitute / drop), refills a token's dropped slots from the
 // loaded experts by router score when `router_scores` is given (fill_cpu.h), renormalises, and
 // writes ids, weights and statistics (dropped_slots counts the drops before the refill).
+// With an allowed mask (node-aware routing, docs/spec.md §21) token t's P is P_t = P & allowed[t]:
+// its substitutes are searched per slot, a keep candidate must be allowed, the budget still
+// counts the global |P|, and the refill draws only from the loaded experts the token may use.
 //
 // NOTE: exactness. The arithmetic repeats the reference's float32 steps: errors and weights are
 // widened to float32, cost = w * min(c, 1) is rounded before it is compared or summed (setup.py
@@ -41,13 +44,17 @@ struct Substitute {
   float err = std::numeric_limits<float>::infinity();
 };
 
+// Only the p that the token may use (`allowed`, nullptr: every p) are read.
 template <typename ErrT>
 Substitute best_substitute(
-    const ErrT* error, int64_t num_experts, const std::vector<int32_t>& primary_ids, int32_t e) {
+    const ErrT* error, int64_t num_experts, const std::vector<int32_t>& primary_ids, const bool* allowed, int32_t e) {
   const ErrT* row = error + static_cast<int64_t>(e) * num_experts;  // [E]
   Substitute best;
   best.id = 0;
   for (const int32_t p : primary_ids) {  // ascending: strict < keeps the lowest id among ties
+    if (!may_use(allowed, p)) {
+      continue;
+    }
     const float value = static_cast<float>(row[p]);
     if (std::isnan(value)) {
       best.err = std::numeric_limits<float>::infinity();
@@ -83,6 +90,7 @@ struct ErrOptions {
   int64_t max_distinct;     // <= 0: no budget
   bool renormalize;
   const ScoreRows* scores;  // [T, E] router scores, or nullptr: no refill
+  const bool* allowed;      // [T, E] node-aware allowed mask, or nullptr: every expert
 };
 
 // One sere::reroute_err call: the passes share P, the per-expert flags and the lazy substitutes.
@@ -92,13 +100,14 @@ class ErrRerouter {
   ErrRerouter(const SlotDims& dims, const IdT* topk_ids, const WeightT* topk_weights, const ErrT* error,
               const bool* primary, const ErrOptions& options)
       : dims_(dims), topk_ids_(topk_ids), topk_weights_(topk_weights), error_(error), options_(options),
-        flags_(dims.num_experts, 0), subs_(dims.num_experts) {
+        flags_(dims.num_experts, 0), subs_(options.allowed == nullptr ? dims.num_experts : 0) {
     check_ids_in_range(topk_ids, dims);
     primary_ids_ = mark_before_and_primary(topk_ids, primary, dims, flags_);  // pass 1
   }
 
-  // Pass 2: critical candidates (cost > keep_cost), and the budget among their experts: kAllowed.
-  void mark_allowed() {
+  // Pass 2: critical candidates (cost > keep_cost, on an expert the token may use), and the
+  // budget among their experts: kKept.
+  void mark_kept() {
     const bool use_budget = options_.max_distinct > 0;
     std::vector<float> mass(use_budget ? dims_.num_experts : 0, 0.0f);  // [E] summed cost per expert
     for (int64_t i = 0; i < dims_.num_slots(); ++i) {
@@ -106,8 +115,8 @@ class ErrRerouter {
         continue;
       }
       const int32_t e = static_cast<int32_t>(topk_ids_[i]);
-      const float cost = cost_of(i, e);
-      if (cost > options_.keep_cost) {
+      const float cost = cost_of(i, substitute_of(i, e));
+      if (cost > options_.keep_cost && may_use(row_of(i), e)) {
         flags_[e] |= kCandidate;
         if (use_budget) {
           mass[e] += cost;
@@ -132,7 +141,7 @@ class ErrRerouter {
       candidates.resize(budget);
     }
     for (const int32_t e : candidates) {
-      flags_[e] |= kAllowed;
+      flags_[e] |= kKept;
     }
   }
 
@@ -140,7 +149,7 @@ class ErrRerouter {
   void decide(IdT* new_ids, WeightT* new_weights, int64_t* stats) {  // [T, K], [T, K], [6]
     std::vector<int32_t> loaded_ids;  // P and the kept critical experts, ascending (refill only)
     for (int64_t e = 0; options_.scores != nullptr && e < dims_.num_experts; ++e) {
-      if (flags_[e] & (kInPrimary | kAllowed)) {
+      if (flags_[e] & (kInPrimary | kKept)) {
         loaded_ids.push_back(static_cast<int32_t>(e));
       }
     }
@@ -153,7 +162,8 @@ class ErrRerouter {
     for (int64_t t = 0; t < dims_.num_tokens; ++t) {
       decide_token(t, new_ids, new_weights, live_drops);
       if (options_.scores != nullptr && !live_drops.empty()) {
-        refill_token(topk_ids_, topk_weights_, *options_.scores, loaded_ids, live_drops, t, top_k, new_ids,
+        refill_token(topk_ids_, topk_weights_, *options_.scores, loaded_ids,
+                     allowed_row(options_.allowed, t, dims_.num_experts), live_drops, t, top_k, new_ids,
                      new_weights, excluded, picks);
       }
       for (int64_t i = t * top_k; i < (t + 1) * top_k; ++i) {
@@ -174,22 +184,33 @@ class ErrRerouter {
  private:
   // Per-expert flags of this kernel, above those of reroute_cpu_common.h.
   static constexpr uint8_t kCandidate = 8;  // some slot of this expert costs more than keep_cost
-  static constexpr uint8_t kAllowed = 16;   // ... and the expert fits in the budget: those slots keep it
+  static constexpr uint8_t kKept = 16;      // ... and the expert fits in the budget: those slots keep it
 
-  const Substitute& substitute_of(int32_t e) {  // filled lazily for non-primary secondaries
+  // The [E] allowed row of slot i's token, or nullptr (no mask).
+  const bool* row_of(int64_t i) const {
+    return allowed_row(options_.allowed, i / dims_.top_k, dims_.num_experts);
+  }
+
+  // p* and its error for slot i (expert e) over the token's P_t. Without a mask it depends on e
+  // only and is filled lazily per expert; with one it is searched per slot.
+  Substitute substitute_of(int64_t i, int32_t e) {
+    if (options_.allowed != nullptr) {
+      return best_substitute(error_, dims_.num_experts, primary_ids_, row_of(i), e);
+    }
     if (subs_[e].id == kUnknown) {
-      subs_[e] = best_substitute(error_, dims_.num_experts, primary_ids_, e);
+      subs_[e] = best_substitute(error_, dims_.num_experts, primary_ids_, nullptr, e);
     }
     return subs_[e];
   }
 
-  // The weighted error of approximating slot i (expert e): float32(w) * min(c, 1), rounded.
-  float cost_of(int64_t i, int32_t e) {
-    return static_cast<float>(topk_weights_[i]) * std::min(substitute_of(e).err, 1.0f);
+  // The weighted error of approximating slot i by its substitute: float32(w) * min(c, 1), rounded.
+  float cost_of(int64_t i, const Substitute& sub) const {
+    return static_cast<float>(topk_weights_[i]) * std::min(sub.err, 1.0f);
   }
 
+  // A secondary slot whose expert is not in the token's P_t (P without a mask).
   bool is_secondary_outside_p(int64_t i) const {
-    return i % dims_.top_k >= dims_.num_primary && !(flags_[topk_ids_[i]] & kInPrimary);
+    return i % dims_.top_k >= dims_.num_primary && !in_token_primary(flags_, row_of(i), topk_ids_[i]);
   }
 
   // Token t's slots: keep (critical), substitute, or drop; live_drops gets its dropped slots
@@ -202,8 +223,8 @@ class ErrRerouter {
       int32_t new_e = e;
       WeightT weight = topk_weights_[i];
       if (is_secondary_outside_p(i)) {
-        const Substitute& sub = substitute_of(e);
-        if ((flags_[e] & kAllowed) && cost_of(i, e) > options_.keep_cost) {
+        const Substitute sub = substitute_of(i, e);
+        if ((flags_[e] & kKept) && may_use(row_of(i), e) && cost_of(i, sub) > options_.keep_cost) {
           ++critical_slots_;  // kept: its expert is loaded for it
         } else if (sub.err < options_.tolerance) {
           new_e = sub.id;
@@ -227,7 +248,7 @@ class ErrRerouter {
   const ErrT* error_;            // [E, E]
   const ErrOptions options_;
   std::vector<uint8_t> flags_;   // [E]
-  std::vector<Substitute> subs_; // [E]
+  std::vector<Substitute> subs_; // [E] without an allowed mask
   std::vector<int32_t> primary_ids_;  // P in ascending id order
   int64_t critical_slots_ = 0;
   int64_t dropped_slots_ = 0;
@@ -241,7 +262,8 @@ IdsWeightsAndStats reroute_err_cpu(const RerouteErrCall& call) {
   const SlotDims dims = slot_dims(call.topk_ids, call.num_primary, call.num_experts());
   // Compared in float32 like the reference compares a float32 tensor with a Python float.
   const ErrOptions options{static_cast<float>(call.tolerance), static_cast<float>(call.keep_cost),
-                           call.max_distinct, call.renormalize, scores.has_value() ? &*scores : nullptr};
+                           call.max_distinct, call.renormalize, scores.has_value() ? &*scores : nullptr,
+                           allowed_mask_data(call.allowed)};
   dispatch_ids(call.topk_ids, [&](auto id_tag) {
     dispatch_float(call.topk_weights, "topk_weights", [&](auto weight_tag) {
       dispatch_float(call.error, "error", [&](auto err_tag) {
@@ -251,7 +273,7 @@ IdsWeightsAndStats reroute_err_cpu(const RerouteErrCall& call) {
         ErrRerouter<IdT, WeightT, ErrT> rerouter(
             dims, call.topk_ids.data_ptr<IdT>(), call.topk_weights.data_ptr<WeightT>(), call.error.data_ptr<ErrT>(),
             primary_data(call.primary), options);
-        rerouter.mark_allowed();
+        rerouter.mark_kept();
         rerouter.decide(new_ids.data_ptr<IdT>(), new_weights.data_ptr<WeightT>(), stats.data_ptr<int64_t>());
       });
     });

@@ -5,7 +5,8 @@
 //
 // ONE launch of one block (decode sizes, T * K <= kSingleBlockMaxSlots), everything in shared
 // memory: P, the "before" set and the experts that appear as secondaries; the best substitute
-// p* = argmin_{p in P} error[e, p] of each such expert (a warp per expert); the slots whose
+// p* = argmin_{p in P} error[e, p] of each such expert (a warp per expert; node-aware, over the
+// token's P_t = P & allowed[t], of each such slot, a warp per token); the slots whose
 // weighted error exceeds keep_cost (critical candidates); with a budget that leaves out some
 // candidate experts, a deterministic ranking (below); then every slot is decided, the weights
 // renormalised per token and the statistics written.
@@ -30,122 +31,62 @@ constexpr int kThreads = 1024;
 constexpr int kStats = 6;  // sere.ops.ERR_STAT_FIELDS
 constexpr size_t kDefaultMaxSharedBytes = 48 * 1024;       // above it a kernel must opt in
 
-__host__ __device__ inline size_t align16(size_t bytes) { return (bytes + 15) & ~size_t{15}; }
-
-// Byte offsets of the dynamic shared memory; the sort buffer (only with a budget) holds first
-// the [pow2(T * K)] uint32 slot keys, then the [pow2(E)] uint64 expert keys.
-struct SmemLayout {
-  size_t best_err;  // [E] float
-  size_t mass;      // [E] float
-  size_t best_id;   // [E] int
-  size_t flags;     // 5 x [E] bytes: in_primary, before, after, needed, keep
-  size_t total;
-};
-
-__host__ __device__ inline SmemLayout smem_layout(int num_slots, int num_experts, bool use_budget) {
-  const size_t slot_keys = sizeof(uint32_t) * static_cast<size_t>(next_pow2(num_slots));
-  const size_t expert_keys = sizeof(unsigned long long) * static_cast<size_t>(next_pow2(num_experts));
-  const size_t per_expert = align16(sizeof(float) * static_cast<size_t>(num_experts));
-  SmemLayout layout;
-  layout.best_err = use_budget ? align16(slot_keys > expert_keys ? slot_keys : expert_keys) : 0;
-  layout.mass = layout.best_err + per_expert;
-  layout.best_id = layout.mass + per_expert;
-  layout.flags = layout.best_id + per_expert;
-  layout.total = layout.flags + align16(5 * static_cast<size_t>(num_experts));
-  return layout;
-}
-
-// p* = argmin_{p in P} error[e, p] (ties: lowest id) and its error, by one whole warp (call
-// warp-uniformly); the error is +inf when P is empty, no entry is below +inf, or one is NaN.
+// p* = argmin_{p in P_t} error[e, p] (ties: lowest id; P_t = P & allowed_row, or P without a
+// row) and its error, by one whole warp (call warp-uniformly), written to *err_out, *id_out; the
+// error is +inf when P_t is empty, no entry is below +inf, or one is NaN.
 template <typename ErrT>
 __device__ void best_substitute_warp(
     const ErrT* __restrict__ error,   // [E, E]
     const unsigned char* in_primary,  // [E]
+    const bool* allowed_row,          // [E] or nullptr
     int e,
     int num_experts,
-    float* best_err,                  // [E]
-    int* best_id) {                   // [E]
+    float* err_out,
+    int* id_out) {
   float best;
   int best_p;
   const bool saw_nan = warp_best_over_primary</*kLargest=*/false>(
-      error + static_cast<int64_t>(e) * num_experts, in_primary, num_experts, best, best_p);
+      error + static_cast<int64_t>(e) * num_experts, in_primary, allowed_row, num_experts, best, best_p);
   if (threadIdx.x % kWarpSize == 0) {
-    best_err[e] = (saw_nan || best_p == num_experts) ? INFINITY : best;
-    best_id[e] = best_p == num_experts ? 0 : best_p;
+    *err_out = (saw_nan || best_p == num_experts) ? INFINITY : best;
+    *id_out = best_p == num_experts ? 0 : best_p;
   }
 }
 
-// Refill of token t by one whole warp (sere.reference.refill_dropped; call warp-uniformly):
-// its j-th dropped slot with a nonzero weight takes the j-th loaded expert that its new ids do
-// not hold yet, best router score first, with weight score x (sum of its top-k weights / sum of
-// their scores); a slot without one (or with a NaN score) stays dropped.
-template <typename IdT, typename WeightT, typename Loaded, typename Dropped>
-__device__ void refill_token(
-    const IdT* __restrict__ topk_ids,          // [T, K]
-    const WeightT* __restrict__ topk_weights,  // [T, K]
-    const ScoreView& scores,                   // [T, E]
-    IdT* new_ids,                              // [T, K], decided
-    WeightT* new_weights,                      // [T, K], decided
-    int t,
+// The best substitutes (best_substitute_warp) of the secondary slots outside their token's P_t:
+// per expert e, a warp per expert that is a secondary somewhere (needed) outside P; node-aware,
+// per slot i, a warp per token (P_t depends on the token).
+template <typename IdT, typename ErrT>
+__device__ void find_substitutes(
+    const IdT* __restrict__ topk_ids,  // [T, K]
+    const ErrT* __restrict__ error,    // [E, E]
+    const bool* allowed,               // [T, E] or nullptr
+    const unsigned char* in_primary,   // [E]
+    const unsigned char* needed,       // [E]
+    int num_tokens,
     int top_k,
+    int num_primary,
     int num_experts,
-    const Loaded& is_loaded,
-    const Dropped& is_dropped) {               // is_dropped(slot index i)
-  const int row = t * top_k;
-  const auto is_live = [&](int s) { return is_dropped(row + s) && to_float(topk_weights[row + s]) != 0.0f; };
-  int count = 0;
-  float weight_sum = 0.0f;
-  float score_sum = 0.0f;
-  for (int s = 0; s < top_k; ++s) {
-    count += is_live(s);
-    const IdT e = topk_ids[row + s];
-    weight_sum = __fadd_rn(weight_sum, to_float(topk_weights[row + s]));
-    score_sum = __fadd_rn(score_sum, valid_id(e, num_experts) ? score_at(scores, t, static_cast<int>(e)) : 0.0f);
-  }
-  if (count == 0) {
+    float* best_err,                   // [E], node-aware [T * K]
+    int* best_id) {                    // [E], node-aware [T * K]
+  const int warp = threadIdx.x / kWarpSize;
+  const int num_warps = blockDim.x / kWarpSize;
+  if (allowed == nullptr) {
+    for (int e = warp; e < num_experts; e += num_warps) {
+      if (needed[e] && !in_primary[e]) {  // warp-uniform
+        best_substitute_warp(error, in_primary, nullptr, e, num_experts, &best_err[e], &best_id[e]);
+      }
+    }
     return;
   }
-  const float scale = __fdiv_rn(weight_sum, clamp_min_tiny(score_sum));  // weight per unit of score
-  const auto is_excluded = [&](int e) {  // chosen by the token already (before the refill)
-    for (int s = 0; s < top_k; ++s) {
-      if (!is_live(s) && new_ids[row + s] == static_cast<IdT>(e)) {  // lane 0 writes only live slots
-        return true;
+  for (int t = warp; t < num_tokens; t += num_warps) {  // warp-uniform
+    const bool* allowed_row = allowed_row_of(allowed, t, num_experts);  // [E]
+    for (int i = t * top_k + num_primary; i < (t + 1) * top_k; ++i) {
+      const IdT e = topk_ids[i];
+      if (valid_id(e, num_experts) && !(in_primary[e] && allowed_row[e])) {
+        best_substitute_warp(error, in_primary, allowed_row, static_cast<int>(e), num_experts, &best_err[i],
+                             &best_id[i]);
       }
-    }
-    return false;
-  };
-  const auto on_pick = [&](int j, int e, float score) {
-    if (threadIdx.x % kWarpSize != 0 || isnan(score)) {
-      return;
-    }
-    for (int s = 0, rank = 0; s < top_k; ++s) {
-      if (is_live(s) && rank++ == j) {
-        new_ids[row + s] = static_cast<IdT>(e);
-        new_weights[row + s] = from_float<WeightT>(__fmul_rn(score, scale));
-      }
-    }
-  };
-  warp_fill_picks(scores, t, num_experts, count, is_loaded, is_excluded, on_pick);
-}
-
-// Every token's weights rescaled to its original sum (sere.reference.renormalize_weights).
-template <typename WeightT>
-__device__ void renormalize_tokens(
-    const WeightT* __restrict__ topk_weights,  // [T, K]
-    WeightT* new_weights,                      // [T, K]
-    int num_tokens,
-    int top_k) {
-  for (int t = threadIdx.x; t < num_tokens; t += blockDim.x) {
-    const int64_t row = static_cast<int64_t>(t) * top_k;
-    float old_sum = 0.0f;
-    float new_sum = 0.0f;
-    for (int s = 0; s < top_k; ++s) {
-      old_sum = __fadd_rn(old_sum, to_float(topk_weights[row + s]));
-      new_sum = __fadd_rn(new_sum, to_float(new_weights[row + s]));
-    }
-    const float scale = __fdiv_rn(old_sum, new_sum);
-    for (int s = 0; s < top_k; ++s) {
-      new_weights[row + s] = from_float<WeightT>(__fmul_rn(to_float(new_weights[row + s]), scale));
     }
   }
 }
@@ -156,6 +97,7 @@ __global__ void __launch_bounds__(kThreads) reroute_err_kernel(
     const WeightT* __restrict__ topk_weights,  // [T, K]
     const ErrT* __restrict__ error,            // [E, E]
     const bool* __restrict__ primary,          // [E] or nullptr
+    const bool* __restrict__ allowed,          // [T, E] or nullptr: node-aware
     IdT* __restrict__ new_ids,                 // [T, K]
     WeightT* __restrict__ new_weights,         // [T, K]
     int64_t* __restrict__ stats,               // [6]
@@ -171,12 +113,12 @@ __global__ void __launch_bounds__(kThreads) reroute_err_kernel(
   extern __shared__ __align__(16) unsigned char smem[];
   const int num_slots = num_tokens * top_k;
   const bool use_budget = max_distinct > 0;
-  const SmemLayout layout = smem_layout(num_slots, num_experts, use_budget);
+  const SmemLayout layout = smem_layout(num_slots, num_experts, use_budget, allowed != nullptr);
   uint32_t* slot_keys = reinterpret_cast<uint32_t*>(smem);                       // [pow2(T*K)]
   unsigned long long* expert_keys = reinterpret_cast<unsigned long long*>(smem);  // [pow2(E)], later
-  float* best_err = reinterpret_cast<float*>(smem + layout.best_err);            // [E]
+  float* best_err = reinterpret_cast<float*>(smem + layout.best_err);            // [E] / [T * K]
   float* mass = reinterpret_cast<float*>(smem + layout.mass);                    // [E]
-  int* best_id = reinterpret_cast<int*>(smem + layout.best_id);                  // [E]
+  int* best_id = reinterpret_cast<int*>(smem + layout.best_id);                  // [E] / [T * K]
   unsigned char* in_primary = smem + layout.flags;                               // [E]
   unsigned char* before = in_primary + num_experts;                              // [E]
   unsigned char* after = before + num_experts;                                   // [E]
@@ -189,7 +131,18 @@ __global__ void __launch_bounds__(kThreads) reroute_err_kernel(
   const int tid = threadIdx.x;
   const int warp = tid / kWarpSize;
   const int num_warps = blockDim.x / kWarpSize;
-  const auto cost_of = [&](int i, int e) { return slot_cost(topk_weights, best_err, i, e); };
+  const auto is_allowed = [&](int i, int e) {  // slot i's token may use e (always without a mask)
+    return allowed == nullptr || allowed[static_cast<int64_t>(i / top_k) * num_experts + e];
+  };
+  const auto substitute = [&](int i, int e) { return allowed == nullptr ? e : i; };  // best_err / best_id index
+  const auto is_outside = [&](int i, IdT e) {  // a secondary slot with a valid id outside its token's P_t
+    return i % top_k >= num_primary && valid_id(e, num_experts) &&
+           !(in_primary[e] && is_allowed(i, static_cast<int>(e)));
+  };
+  const auto cost_of = [&](int i, int e) { return slot_cost(topk_weights, best_err, i, substitute(i, e)); };
+  const auto is_candidate = [&](int i, IdT e) {  // of a slot outside P_t: cost above keep_cost, e allowed
+    return is_allowed(i, static_cast<int>(e)) && cost_of(i, static_cast<int>(e)) > keep_cost;
+  };
 
   for (int e = tid; e < num_experts; e += blockDim.x) {
     in_primary[e] = primary != nullptr ? primary[e] : 0;
@@ -217,18 +170,14 @@ __global__ void __launch_bounds__(kThreads) reroute_err_kernel(
   mark_slots(topk_ids, primary, num_slots, top_k, num_primary, num_experts, in_primary, before, needed);
   __syncthreads();
 
-  for (int e = warp; e < num_experts; e += num_warps) {
-    if (needed[e] && !in_primary[e]) {  // warp-uniform
-      best_substitute_warp(error, in_primary, e, num_experts, best_err, best_id);
-    }
-  }
+  find_substitutes(topk_ids, error, allowed, in_primary, needed, num_tokens, top_k, num_primary, num_experts, best_err,
+                   best_id);
   __syncthreads();
 
-  // Critical candidates: secondary slots outside P whose cost exceeds keep_cost.
+  // Critical candidates: secondary slots outside P_t whose cost exceeds keep_cost.
   for (int i = tid; i < num_slots; i += blockDim.x) {
     const IdT e = topk_ids[i];
-    if (i % top_k >= num_primary && valid_id(e, num_experts) && !in_primary[e] &&
-        cost_of(i, static_cast<int>(e)) > keep_cost) {
+    if (is_outside(i, e) && is_candidate(i, e)) {
       keep[e] = 1;
       if (use_budget) {
         slot_keys[i] = (static_cast<uint32_t>(e) << kSlotBits) | static_cast<uint32_t>(i);
@@ -238,16 +187,15 @@ __global__ void __launch_bounds__(kThreads) reroute_err_kernel(
   __syncthreads();
 
   if (use_budget) {
-    apply_budget(topk_weights, best_err, in_primary, slot_keys, expert_keys, mass, keep, num_slots, num_experts,
-                 max_distinct, &num_candidates, &num_primary_experts);
+    apply_budget(cost_of, in_primary, slot_keys, expert_keys, mass, keep, num_slots, num_experts, max_distinct,
+                 &num_candidates, &num_primary_experts);
   }
 
   // Decide every slot: keep (critical), substitute, or drop.
-  const auto is_critical = [&](int i, IdT e) { return keep[e] && cost_of(i, static_cast<int>(e)) > keep_cost; };
-  const auto is_dropped = [&](int i) {  // a secondary outside P, neither kept nor substituted
+  const auto is_critical = [&](int i, IdT e) { return keep[e] && is_candidate(i, e); };
+  const auto is_dropped = [&](int i) {  // a secondary outside P_t, neither kept nor substituted
     const IdT e = topk_ids[i];
-    return i % top_k >= num_primary && valid_id(e, num_experts) && !in_primary[e] && !is_critical(i, e) &&
-           !(best_err[e] < tolerance);
+    return is_outside(i, e) && !is_critical(i, e) && !(best_err[substitute(i, static_cast<int>(e))] < tolerance);
   };
   unsigned critical = 0;
   unsigned dropped = 0;
@@ -256,11 +204,12 @@ __global__ void __launch_bounds__(kThreads) reroute_err_kernel(
     const IdT e = topk_ids[i];
     IdT new_e = e;
     WeightT weight = topk_weights[i];
-    if (i - t * top_k >= num_primary && valid_id(e, num_experts) && !in_primary[e]) {
+    if (is_outside(i, e)) {
+      const int j = substitute(i, static_cast<int>(e));
       if (is_critical(i, e)) {
         ++critical;
-      } else if (best_err[e] < tolerance) {
-        new_e = static_cast<IdT>(best_id[e]);
+      } else if (best_err[j] < tolerance) {
+        new_e = static_cast<IdT>(best_id[j]);
       } else {
         new_e = topk_ids[static_cast<int64_t>(t) * top_k];  // the token's slot-0 expert ...
         weight = from_float<WeightT>(0.0f);                  // ... with weight 0: a no-op
@@ -273,10 +222,12 @@ __global__ void __launch_bounds__(kThreads) reroute_err_kernel(
 
   if (router_scores.data != nullptr) {  // block-uniform
     __syncthreads();  // a token's new ids were written by several threads
-    const auto is_loaded = [&](int e) { return in_primary[e] || keep[e]; };
+    const auto is_loaded = [&](int e) { return in_primary[e] || keep[e]; };  // node-aware: on allowed units
     for (int t = warp; t < num_tokens; t += num_warps) {  // warp-uniform
-      refill_token(topk_ids, topk_weights, router_scores, new_ids, new_weights, t, top_k, num_experts, is_loaded,
-                   is_dropped);
+      within_allowed(allowed_row_of(allowed, t, num_experts), is_loaded, [&](const auto& is_loaded_here) {
+        refill_token(topk_ids, topk_weights, router_scores, new_ids, new_weights, t, top_k, num_experts,
+                     is_loaded_here, is_dropped);
+      });
     }
   }
   __syncthreads();  // every token's final ids are written
@@ -318,7 +269,7 @@ cudaError_t launch_reroute_err(const RerouteErrArgs<IdT, WeightT, ErrT>& args, c
   const int budget = max_distinct <= 0 ? 0
       : static_cast<int>(max_distinct < num_experts + 1 ? max_distinct : num_experts + 1);
   const int num_slots = static_cast<int>(num_tokens * args.top_k);
-  const size_t smem = smem_layout(num_slots, num_experts, budget > 0).total;
+  const size_t smem = smem_layout(num_slots, num_experts, budget > 0, args.allowed != nullptr).total;
   const auto kernel = reroute_err_kernel<IdT, WeightT, ErrT>;
   if (smem > kDefaultMaxSharedBytes) {
     // Not a stream operation: allowed during CUDA-graph capture.
@@ -329,7 +280,7 @@ cudaError_t launch_reroute_err(const RerouteErrArgs<IdT, WeightT, ErrT>& args, c
     }
   }
   kernel<<<1, kThreads, smem, stream>>>(
-      args.topk_ids, args.topk_weights, args.error, args.primary, args.new_ids, args.new_weights,
+      args.topk_ids, args.topk_weights, args.error, args.primary, args.allowed, args.new_ids, args.new_weights,
       args.stats, static_cast<int>(num_tokens), args.top_k, args.num_primary, num_experts,
       args.tolerance, args.keep_cost, budget, args.renormalize, args.router_scores);
   return cudaGetLastError();

@@ -15,10 +15,12 @@ PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(sere, m) {
+  // allowed [T, E] bool (node-aware routing, docs/spec.md §21): token t may only use the experts
+  // with allowed[t, e]; its primary set is P & allowed[t]. None: every expert (plain policy).
   // new_ids: [T, K] like topk_ids; stats: [5] int64 in sere.reference.STAT_FIELDS order.
   m.def(
       "reroute(Tensor topk_ids, Tensor similarity, int num_primary, float threshold, "
-      "Tensor? primary=None) -> (Tensor new_ids, Tensor stats)");
+      "Tensor? primary=None, Tensor? allowed=None) -> (Tensor new_ids, Tensor stats)");
   // Error-aware re-routing (sere.reference.sere_err_reference). new_ids [T, K] like topk_ids,
   // new_weights [T, K] like topk_weights, stats [6] int64 in sere.ops.ERR_STAT_FIELDS order
   // (STAT_FIELDS + dropped_slots). max_distinct <= 0: no budget; keep_cost may be inf.
@@ -26,13 +28,13 @@ TORCH_LIBRARY(sere, m) {
   m.def(
       "reroute_err(Tensor topk_ids, Tensor topk_weights, Tensor error, int num_primary, "
       "float tolerance, float keep_cost, int max_distinct, bool renormalize, Tensor? primary=None, "
-      "Tensor? router_scores=None) -> (Tensor new_ids, Tensor new_weights, Tensor stats)");
+      "Tensor? router_scores=None, Tensor? allowed=None) -> (Tensor new_ids, Tensor new_weights, Tensor stats)");
   // Opportunistic Expert Activation (sere.reference.oea_reference); E = router_scores.size(1).
   // new_ids [T, K] like topk_ids, new_weights [T, K] like topk_weights, stats [6] int64 in
   // sere.ops.ERR_STAT_FIELDS order (critical_slots 0, dropped_slots: slots left unfilled).
   m.def(
       "oea(Tensor topk_ids, Tensor topk_weights, Tensor router_scores, int num_primary, "
-      "Tensor? primary=None) -> (Tensor new_ids, Tensor new_weights, Tensor stats)");
+      "Tensor? primary=None, Tensor? allowed=None) -> (Tensor new_ids, Tensor new_weights, Tensor stats)");
   // [E] bool mask of P = {topk_ids[t, s] : s < num_primary}; OR it across an EP group.
   m.def("primary_mask(Tensor topk_ids, int num_experts, int num_primary) -> Tensor");
 }

@@ -19,6 +19,9 @@ so they run inside CUDA graphs and `torch.compile(fullgraph=True)`.
     primary_mask                           P as an [E] bool mask (OR it across an EP group)
 
 The [6] stats of `reroute_err_with_stats` and `oea_with_stats` follow ERR_STAT_FIELDS.
+
+Node-aware routing (docs/spec.md §21): the re-routing ops take an optional [T, E] bool `allowed`;
+token t then re-routes within P & allowed[t] (None: every expert, the plain policy).
 """
 
 from __future__ import annotations
@@ -107,7 +110,7 @@ def _check_reroute_weights(topk_ids: torch.Tensor, topk_weights: torch.Tensor) -
 
 def reroute_with_stats(
     topk_ids: torch.Tensor, topk_weights: torch.Tensor, similarity: torch.Tensor, num_primary: int,
-    threshold: float = 0.0, primary: torch.Tensor | None = None,
+    threshold: float = 0.0, primary: torch.Tensor | None = None, allowed: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """SERE re-routing (docs/spec.md) plus its statistics, without a host sync.
 
@@ -120,6 +123,8 @@ def reroute_with_stats(
             similarity < float32(rho) (a critical expert; it does not join P).
         primary: optional [E] bool primary set (the OR over an expert-parallel group);
             default: P from the first S slots of `topk_ids`.
+        allowed: optional [T, E] bool, contiguous (node-aware routing, docs/spec.md §21): token
+            t re-routes within P & allowed[t], and keeps a critical expert only if allowed.
     Returns:
         (new topk_ids [T, K] same dtype, topk_weights, stats [5] int64 in STAT_FIELDS order:
         distinct_before, distinct_after, num_primary_experts, rerouted_slots, critical_slots).
@@ -131,7 +136,7 @@ def reroute_with_stats(
     """
     _check_reroute_weights(topk_ids, topk_weights)
     _require_kernel("reroute", _COMPILED_DEVICE_TYPES, topk_ids.device)
-    new_ids, stats = torch.ops.sere.reroute(topk_ids, similarity, num_primary, float(threshold), primary)
+    new_ids, stats = torch.ops.sere.reroute(topk_ids, similarity, num_primary, float(threshold), primary, allowed)
     return new_ids, topk_weights, stats
 
 
@@ -139,6 +144,7 @@ def reroute_err_with_stats(
     topk_ids: torch.Tensor, topk_weights: torch.Tensor, error: torch.Tensor, num_primary: int,
     tolerance: float = 1.0, keep_cost: float = float("inf"), max_distinct: int | None = None,
     renormalize: bool = False, primary: torch.Tensor | None = None, router_scores: torch.Tensor | None = None,
+    allowed: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Error-aware re-routing (`sere-err`, sere.reference.sere_err_reference) plus statistics,
     without a host sync.
@@ -160,6 +166,9 @@ def reroute_err_with_stats(
         router_scores: optional [T, E] float32/bfloat16/float16 post-activation router scores,
             contiguous: dropped slots are refilled from the loaded experts (P and the kept
             critical ones) by score, as OEA fills (see `sere_err_reference`), inside the op.
+        allowed: optional [T, E] bool, contiguous (node-aware routing, docs/spec.md §21): token
+            t substitutes within P & allowed[t], keeps a critical expert only if allowed, and is
+            refilled only from allowed loaded experts; the budget still counts the whole |P|.
     Returns:
         (new topk_ids [T, K] same dtype, new topk_weights [T, K] same dtype, stats [6] int64 in
         ERR_STAT_FIELDS order: distinct_before, distinct_after, num_primary_experts,
@@ -177,13 +186,13 @@ def reroute_err_with_stats(
     _require_kernel("reroute_err", _COMPILED_ERR_DEVICE_TYPES, topk_ids.device)
     return torch.ops.sere.reroute_err(
         topk_ids, topk_weights, error, num_primary, float(tolerance), float(keep_cost),
-        0 if max_distinct is None else int(max_distinct), bool(renormalize), primary, router_scores,
+        0 if max_distinct is None else int(max_distinct), bool(renormalize), primary, router_scores, allowed,
     )
 
 
 def oea_with_stats(
     topk_ids: torch.Tensor, topk_weights: torch.Tensor, router_scores: torch.Tensor, num_primary: int,
-    primary: torch.Tensor | None = None,
+    primary: torch.Tensor | None = None, allowed: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Opportunistic Expert Activation (sere.reference.oea_reference) plus statistics, no host sync.
 
@@ -199,6 +208,8 @@ def oea_with_stats(
         num_primary: S, 1 <= S < K.
         primary: optional [E] bool primary set (the OR over an expert-parallel group);
             default: P from the first S slots of `topk_ids`.
+        allowed: optional [T, E] bool, contiguous (node-aware routing, docs/spec.md §21): token
+            t's other slots take experts of P & allowed[t] only.
     Returns:
         (new topk_ids [T, K] same dtype, new topk_weights [T, K] same dtype, stats [6] int64 in
         ERR_STAT_FIELDS order; critical_slots is 0, dropped_slots counts the unfilled slots).
@@ -207,7 +218,7 @@ def oea_with_stats(
         the argument. The CUDA op handles T * K <= 8192 slots and E <= 4096.
     """
     _require_kernel("oea", _COMPILED_OEA_DEVICE_TYPES, topk_ids.device)
-    return torch.ops.sere.oea(topk_ids, topk_weights, router_scores, num_primary, primary)
+    return torch.ops.sere.oea(topk_ids, topk_weights, router_scores, num_primary, primary, allowed)
 
 
 def _without_stats(with_stats, name: str, doc: str):
@@ -269,8 +280,8 @@ def _check_devices(topk_ids: torch.Tensor, **tensors: torch.Tensor | None) -> No
 if _COMPILED_DEVICE_TYPES:
 
     @torch.library.register_fake("sere::reroute")
-    def _reroute_fake(topk_ids, similarity, num_primary, threshold, primary=None):
-        _check_devices(topk_ids, similarity=similarity, primary=primary)
+    def _reroute_fake(topk_ids, similarity, num_primary, threshold, primary=None, allowed=None):
+        _check_devices(topk_ids, similarity=similarity, primary=primary, allowed=allowed)
         return torch.empty_like(topk_ids), topk_ids.new_empty((len(STAT_FIELDS),), dtype=torch.int64)
 
     @torch.library.register_fake("sere::primary_mask")
@@ -283,9 +294,12 @@ if _COMPILED_ERR_DEVICE_TYPES:
     @torch.library.register_fake("sere::reroute_err")
     def _reroute_err_fake(
         topk_ids, topk_weights, error, num_primary, tolerance, keep_cost, max_distinct, renormalize,
-        primary=None, router_scores=None,
+        primary=None, router_scores=None, allowed=None,
     ):
-        _check_devices(topk_ids, topk_weights=topk_weights, error=error, primary=primary, router_scores=router_scores)
+        _check_devices(
+            topk_ids, topk_weights=topk_weights, error=error, primary=primary, router_scores=router_scores,
+            allowed=allowed,
+        )
         stats = topk_ids.new_empty((len(ERR_STAT_FIELDS),), dtype=torch.int64)  # [6]
         return torch.empty_like(topk_ids), torch.empty_like(topk_weights), stats
 
@@ -293,7 +307,9 @@ if _COMPILED_ERR_DEVICE_TYPES:
 if _COMPILED_OEA_DEVICE_TYPES:
 
     @torch.library.register_fake("sere::oea")
-    def _oea_fake(topk_ids, topk_weights, router_scores, num_primary, primary=None):
-        _check_devices(topk_ids, topk_weights=topk_weights, router_scores=router_scores, primary=primary)
+    def _oea_fake(topk_ids, topk_weights, router_scores, num_primary, primary=None, allowed=None):
+        _check_devices(
+            topk_ids, topk_weights=topk_weights, router_scores=router_scores, primary=primary, allowed=allowed
+        )
         stats = topk_ids.new_empty((len(ERR_STAT_FIELDS),), dtype=torch.int64)  # [6]
         return torch.empty_like(topk_ids), torch.empty_like(topk_weights), stats

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 
 from sere import ops
-from sere.locality import locality_reroute, locality_stats, node_aware_route
+from sere.locality import locality_reroute, locality_stats, node_allowed
 from sere.xshare import xshare_with_stats
 
 if TYPE_CHECKING:  # SereConfig needs pydantic; this module does not
@@ -205,15 +205,11 @@ def route(
     ids, weights = sort_by_weight(topk_ids, topk_weights)
     if primary is None:
         primary = ops.primary_mask(ids, num_experts, cfg.num_primary)
-    if cfg.node_limit is not None:
-        new_ids, new_weights, stats = node_aware_route(
-            cfg, ids, weights, matrix, cfg.threshold if threshold is None else threshold, router_scores, primary,
-            placement,
-        )
-        return Routed(new_ids.to(topk_ids.dtype), new_weights.to(topk_weights.dtype), stats, True)
+    # node-aware routing (docs/spec.md §21): the ops re-route token t within P & allowed[t]
+    allowed = None if cfg.node_limit is None else node_allowed(cfg, ids, placement)  # [T, E] bool
     new_ids, new_weights, stats = _POLICY_FNS[cfg.policy](
         cfg, ids, weights, matrix, cfg.threshold if threshold is None else threshold, router_scores, primary,
-        placement,
+        placement, allowed,
     )
     return Routed(new_ids.to(topk_ids.dtype), new_weights.to(topk_weights.dtype), stats, True)
 
@@ -247,10 +243,10 @@ def _with_dropped(stats5: torch.Tensor) -> torch.Tensor:
     return torch.cat([stats5, stats5.new_zeros(1)])  # [6]
 
 
-def _sere(cfg, ids, weights, matrix, threshold, router_scores, primary, placement):
+def _sere(cfg, ids, weights, matrix, threshold, router_scores, primary, placement, allowed):
     if cfg.locality_epsilon is None:
         new_ids, new_weights, stats = ops.reroute_with_stats(
-            ids, weights, matrix.contiguous(), cfg.num_primary, threshold, primary
+            ids, weights, matrix.contiguous(), cfg.num_primary, threshold, primary, allowed
         )
         return new_ids, new_weights, _with_dropped(stats)
     if placement is None:
@@ -262,19 +258,19 @@ def _sere(cfg, ids, weights, matrix, threshold, router_scores, primary, placemen
     return new_ids, weights, locality_stats(ids, new_ids, primary, cfg.num_primary)
 
 
-def _oea(cfg, ids, weights, matrix, threshold, router_scores, primary, placement):
-    return ops.oea_with_stats(ids, weights, router_scores, cfg.num_primary, primary)
+def _oea(cfg, ids, weights, matrix, threshold, router_scores, primary, placement, allowed):
+    return ops.oea_with_stats(ids, weights, router_scores, cfg.num_primary, primary, allowed)
 
 
-def _xshare(cfg, ids, weights, matrix, threshold, router_scores, primary, placement):
+def _xshare(cfg, ids, weights, matrix, threshold, router_scores, primary, placement, allowed):  # no node_limit
     return xshare_with_stats(ids, weights, router_scores, primary, cfg.max_distinct)
 
 
-def _sere_err(cfg, ids, weights, matrix, threshold, router_scores, primary, placement):
+def _sere_err(cfg, ids, weights, matrix, threshold, router_scores, primary, placement, allowed):
     return ops.reroute_err_with_stats(
         ids, weights, matrix.contiguous(), cfg.num_primary, cfg.tolerance,
         float("inf") if cfg.keep_cost is None else cfg.keep_cost, cfg.max_distinct, cfg.renormalize, primary,
-        router_scores=router_scores if cfg.refill else None,
+        router_scores=router_scores if cfg.refill else None, allowed=allowed,
     )
 
 

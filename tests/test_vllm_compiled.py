@@ -201,7 +201,7 @@ def test_records_are_refused_at_engine_start_when_cuda_graphs_are_on(monkeypatch
     for mode, device in (("NONE", "cuda"), ("FULL_AND_PIECEWISE", "cpu")):  # no graphs: records work
         config = _vllm_config(mode, device)
         assert plugin.validate_engine_config(config).policy == "topk"
-        assert config.additional_config == {"sere": "sere::route_layer v2"}  # keys the compile cache
+        assert config.additional_config == {"sere": "sere::route_layer v3"}  # keys the compile cache (v3: node-aware ops)
 
 
 def test_configure_is_refused_once_cuda_graphs_hold_the_config(monkeypatch):

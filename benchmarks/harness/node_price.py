@@ -41,7 +41,9 @@ from sere.sidecars import ERROR_SIDECAR_NAME, SIDECAR_NAME, load_sidecar  # noqa
 
 def settings() -> dict[str, SereConfig]:
     """topk, and sere / sere-err / oea at S = 2 and 4 plain, S = 2, 3 and 4 node-aware, and node-aware
-    S = 2 and 3 grown to M = 3 and 4 nodes."""
+    S = 2 and 3 grown to M = 3 and 4 nodes; and sere-err node-aware S = 3 and 4 that keeps every
+    expert of the token on an allowed node ("keep": keep_cost 0, the slots it cannot keep refilled
+    there), which spends experts, not cross-node rows."""
     out = {"topk": SereConfig(policy="topk")}
     extra = {"sere": {}, "sere-err": {"tolerance": 0.6, "renormalize": True}, "oea": {}}
     for policy, fields in extra.items():
@@ -53,6 +55,10 @@ def settings() -> dict[str, SereConfig]:
         for s, m in ((2, 3), (3, 4)):  # the top-S experts' nodes, grown to M nodes in all
             out[f"{policy}-node S={s} M={m}"] = SereConfig(policy=policy, num_primary=s, node_limit="primary_nodes",
                                                            max_nodes=m, max_decode_tokens=1 << 20, **fields)
+    for s, m in ((3, None), (4, None), (1, 3), (2, 3), (1, 4)):
+        label = f"sere-err-node S={s}" + (f" M={m}" if m else "") + " keep"
+        out[label] = SereConfig(policy="sere-err", num_primary=s, node_limit="primary_nodes", max_nodes=m,
+                                keep_cost=0.0, refill=True, max_decode_tokens=1 << 20, **extra["sere-err"])
     return out
 
 

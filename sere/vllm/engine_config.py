@@ -30,7 +30,7 @@ logger = logging.getLogger("vllm.sere")
 ENV_CONFIG = "SERE_CONFIG"
 # Added to vllm_config.additional_config when SERE is on: it enters the config hash that keys
 # vLLM's compile cache (hf_overrides does not), so SERE and plain vLLM never share a compiled graph.
-COMPILE_CACHE_MARKER = ("sere", "sere::route_layer v2")
+COMPILE_CACHE_MARKER = ("sere", "sere::route_layer v3")
 
 _sidecars: dict[tuple[str, int], Sidecar] = {}
 
