@@ -46,6 +46,7 @@ _PARETO_SERIES = [  # (legend, colour, marker, joined by a line, which records)
     ("xshare S=2", "tab:brown", "X", False, lambda r: r["policy"] == "xshare" and r["num_primary"] != 1),
     ("sere (cosine)", "tab:orange", "s", False, lambda r: r["policy"] == "sere" and r["sidecar"] == "cosine"),
     ("sere (frobenius)", "tab:orange", "s", False, lambda r: r["policy"] == "sere" and r["sidecar"] == "frobenius"),
+    ("sere (cka)", "tab:olive", "s", False, lambda r: r["policy"] == "sere" and r["sidecar"] == "cka"),
     ("sere-err", "tab:green", "D", False, lambda r: r["policy"] == "sere-err" and not r.get("refill")),
     ("sere-err + refill", "tab:purple", "D", False,
      lambda r: r["policy"] == "sere-err" and r.get("refill") and r.get("max_distinct") is None),
