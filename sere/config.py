@@ -36,6 +36,9 @@ class SereConfig(BaseModel):
     `node_limit="primary_nodes"` (sere, sere-err, oea; needs the expert placement): a token's
     secondary slots only go to experts on the nodes (`node_scope="rank"`: ranks) of its own
     top-S experts, grown to at most `max_nodes` nodes (ranks) in all when that is set.
+    `layer_num_primary` ({decoder-layer index: S}; sere, oea, sere-err, xshare) sets S in those
+    MoE layers, `num_primary` elsewhere (e.g. a smaller node budget where it costs least);
+    `for_layer(layer)` is one layer's config, the one `sere.policy.route` takes.
     `policy="tuned"` follows a schedule made by `sere tune` (`schedule`: its path; None lets the
     engine use the model's own `sere_schedule.json`): `at(step_tokens)` is the bucket's config.
     The policy layer `sere.policy.route` applies it; docs/spec.md states every rule.
@@ -60,6 +63,7 @@ class SereConfig(BaseModel):
     max_nodes: int | None = Field(default=None, ge=1)
     node_scope: str = "node"
     schedule: str | None = None
+    layer_num_primary: dict[int, int] | None = None
 
     @field_validator("policy")
     @classmethod
@@ -118,6 +122,18 @@ class SereConfig(BaseModel):
         return self
 
     @model_validator(mode="after")
+    def _layer_num_primary(self) -> "SereConfig":
+        if self.layer_num_primary is None:
+            return self
+        if self.policy in ("topk", TUNED):
+            raise ValueError(f"layer_num_primary applies to policies 'sere', 'oea', 'sere-err' and 'xshare', "
+                             f"not {self.policy!r}")
+        for layer, s in self.layer_num_primary.items():
+            if layer < 0 or s < 1:
+                raise ValueError(f"layer_num_primary[{layer}]={s}: layers are >= 0 and S >= 1")
+        return self
+
+    @model_validator(mode="after")
     def _xshare_fields(self) -> "SereConfig":
         if self.policy == "xshare" and self.max_distinct is None:
             raise ValueError("policy 'xshare' needs max_distinct (its expert budget B), got None")
@@ -132,6 +148,21 @@ class SereConfig(BaseModel):
         if self.policy != TUNED:
             return self
         return self.loaded_schedule().config_for(step_tokens)
+
+    def for_layer(self, layer: int) -> "SereConfig":
+        """The config of the MoE layer with decoder-layer index `layer`: `num_primary` from
+        `layer_num_primary` where it names the layer, and no per-layer table."""
+        if self.layer_num_primary is None:
+            return self
+        s = self.layer_num_primary.get(layer, self.num_primary)
+        return self.model_copy(update={"num_primary": s, "layer_num_primary": None})
+
+    def check_layers(self, moe_layers: list[int]) -> None:
+        """Raise ValueError unless every layer `layer_num_primary` names is one of `moe_layers`."""
+        unknown = sorted(set(self.layer_num_primary or {}) - set(moe_layers))
+        if unknown:
+            raise ValueError(f"layer_num_primary names layer(s) {unknown}, not MoE layers of the model "
+                             f"(its MoE layers: {sorted(moe_layers)})")
 
     def bucket_configs(self) -> tuple["SereConfig", ...]:
         """Every config this one may apply: (self,), or a schedule's one per bucket."""
@@ -151,6 +182,9 @@ class SereConfig(BaseModel):
             raise ValueError(
                 f"num_primary={self.num_primary} must be smaller than the model's top_k={top_k}"
             )
+        for layer, s in (self.layer_num_primary or {}).items():
+            if s >= top_k:
+                raise ValueError(f"layer_num_primary[{layer}]={s} must be smaller than the model's top_k={top_k}")
         if num_experts < 2:
             raise ValueError(f"num_experts={num_experts}: re-routing needs at least 2 experts")
 

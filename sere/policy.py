@@ -125,6 +125,8 @@ def label(cfg: "SereConfig") -> str:
         text += " refill" if cfg.refill else ""
     if cfg.policy == "xshare":
         text += f" B={cfg.max_distinct}"
+    if cfg.layer_num_primary:
+        text += " " + " ".join(f"L{layer}:S={s}" for layer, s in sorted(cfg.layer_num_primary.items()))
     return text
 
 
@@ -197,6 +199,8 @@ def route(
     """
     num_tokens = topk_ids.shape[0]
     step_tokens = num_tokens if step_tokens is None else step_tokens
+    if cfg.layer_num_primary is not None:
+        raise ValueError("layer_num_primary is per layer: route with cfg.for_layer(layer)")
     if cfg.policy == TUNED:
         cfg, threshold = cfg.at(step_tokens), None
     if cfg.policy == "topk" or not 0 < step_tokens <= cfg.max_decode_tokens:

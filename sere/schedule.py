@@ -153,9 +153,11 @@ def _parse(path: Path, body: Any) -> Schedule:
             raise ScheduleError(f"{where}: bad config: {problems}") from None
         except TypeError as err:
             raise ScheduleError(f"{where}: bad config: {err}") from None
-        if cfg.policy == "tuned" or cfg.threshold_quantile is not None or cfg.similarity_path is not None:
-            raise ScheduleError(f"{where}: a bucket's config may not be 'tuned', nor set threshold_quantile "
-                                "or similarity_path (they are resolved per model, not per bucket)")
+        if (cfg.policy == "tuned" or cfg.threshold_quantile is not None or cfg.similarity_path is not None
+                or cfg.layer_num_primary is not None):
+            raise ScheduleError(f"{where}: a bucket's config may not be 'tuned', nor set threshold_quantile, "
+                                "similarity_path or layer_num_primary (they are resolved per model or layer, "
+                                "not per bucket)")
         try:
             cfg.check_model(top_k=int(body["top_k"]), num_experts=int(body["num_experts"]))
         except ValueError as err:

@@ -40,7 +40,7 @@ def test_node_price_runs_through_the_hf_hook():
     from benchmarks.harness import node_price
 
     args = argparse.Namespace(model="models/tiny-moe", batch_sizes=[4], num_batches=2, seq_len=6, ep_size=8,
-                              ranks_per_node=2, policies=["sere-node S=2"])
+                              ranks_per_node=2, policies=["sere-node S=2"], text=None)
     records = {r["policy"]: r for r in node_price.run(args)}
     assert set(records) == {"topk", "sere-node S=2"}
     assert records["topk"]["perplexity_change"] == 0.0 and records["topk"]["cross_node_ratio_token_node"] == 1.0

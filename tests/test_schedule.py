@@ -87,6 +87,8 @@ def test_a_good_schedule_loads_with_one_config_per_bucket(tmp_path):
     (lambda b: b["buckets"][5].update(config={"policy": "tuned"}), r"bucket 5 \(33-64 tokens\): .*may not be 'tuned'"),
     (lambda b: b["buckets"][1].update(config={"policy": "sere", "num_primary": 1, "threshold_quantile": 0.5}),
      r"bucket 1 \(2-4 tokens\): .*threshold_quantile"),
+    (lambda b: b["buckets"][2].update(config={"policy": "oea", "num_primary": 1, "layer_num_primary": {0: 2}}),
+     r"bucket 2 \(5-8 tokens\): .*layer_num_primary"),
     (lambda b: (b["buckets"][0].update(config={"policy": "sere", "num_primary": 1}),
                 b["buckets"][1].update(config={"policy": "sere-err", "num_primary": 1})),
      r"buckets read different sidecars \['similarity', 'substitution_error'\]"),

@@ -43,7 +43,8 @@ def settings() -> dict[str, SereConfig]:
     """topk, and sere / sere-err / oea at S = 2 and 4 plain, S = 2, 3 and 4 node-aware, and node-aware
     S = 2 and 3 grown to M = 3 and 4 nodes; and sere-err node-aware S = 3 and 4 that keeps every
     expert of the token on an allowed node ("keep": keep_cost 0, the slots it cannot keep refilled
-    there), which spends experts, not cross-node rows."""
+    there), which spends experts, not cross-node rows; and sere-err node-aware S = 4 with S = 3 in
+    one MoE layer (`layer_num_primary`), layers 0-3, a node budget between S = 3 and 4."""
     out = {"topk": SereConfig(policy="topk")}
     extra = {"sere": {}, "sere-err": {"tolerance": 0.6, "renormalize": True}, "oea": {}}
     for policy, fields in extra.items():
@@ -59,6 +60,10 @@ def settings() -> dict[str, SereConfig]:
         label = f"sere-err-node S={s}" + (f" M={m}" if m else "") + " keep"
         out[label] = SereConfig(policy="sere-err", num_primary=s, node_limit="primary_nodes", max_nodes=m,
                                 keep_cost=0.0, refill=True, max_decode_tokens=1 << 20, **extra["sere-err"])
+    for layer in range(4):
+        out[f"sere-err-node S=4 L{layer}:S=3"] = SereConfig(
+            policy="sere-err", num_primary=4, layer_num_primary={layer: 3}, node_limit="primary_nodes",
+            max_decode_tokens=1 << 20, **extra["sere-err"])
     return out
 
 
@@ -87,7 +92,7 @@ def placed_route(placement, totals: dict):
 
 def run(args) -> list[dict]:
     model, tokenizer = load_model(args.model)
-    text = tokenize(tokenizer, Path(args.model) / "heldout.txt")
+    text = tokenize(tokenizer, args.text or Path(args.model) / "heldout.txt")
     sidecars = {kind: load_sidecar(Path(args.model) / name)
                 for kind, name in (("similarity", SIDECAR_NAME), ("substitution_error", ERROR_SIDECAR_NAME))}
     num_experts = model.config.num_experts
@@ -131,6 +136,7 @@ def run(args) -> list[dict]:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="models/tiny-moe")
+    parser.add_argument("--text", help="text to decode (default MODEL/heldout.txt)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 16, 32, 64])
     parser.add_argument("--num-batches", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=32)

@@ -257,6 +257,7 @@ def routing_hook(
         cfg = SereConfig(policy="topk")
     blocks = find_moe_blocks(model)
     cfg.check_model(top_k=blocks[0].top_k, num_experts=blocks[0].num_experts)
+    cfg.check_layers([b.layer_idx for b in blocks])
     tables = _layer_matrices(blocks, cfg, matrices)
     if lockstep_batch is not None and lockstep_batch < 1:
         raise ValueError(f"lockstep_batch must be >= 1, got {lockstep_batch}")
@@ -264,6 +265,7 @@ def routing_hook(
 
     def make_hook(b: MoeBlock):
         threshold = None if thresholds is None else thresholds[b.layer_idx]
+        layer_cfg = cfg.for_layer(b.layer_idx)
 
         def hook(module, args, output):
             router_logits, topk_weights, topk_ids = output  # [T, E], [T, K], [T, K]
@@ -277,7 +279,7 @@ def routing_hook(
             new_weights, new_ids = topk_weights.clone(), topk_ids.clone()
             for rows in steps:
                 scores = router_scores(logits[rows], b.score_fn, b.num_experts) if needs_router_scores(cfg) else None
-                routed = route(cfg, topk_ids[rows], topk_weights[rows], num_experts=b.num_experts,
+                routed = route(layer_cfg, topk_ids[rows], topk_weights[rows], num_experts=b.num_experts,
                                matrix=tables.get(b.layer_idx), threshold=threshold, router_scores=scores,
                                placement=placement)
                 new_ids[rows], new_weights[rows] = routed.ids, routed.weights

@@ -69,7 +69,8 @@ class LayerRoute:
     load_matrix: Callable
     primary_allreduce: Callable | None = None
     record: bool = False
-    cfg: SereConfig | None = None
+    cfg: SereConfig | None = None  # the engine's config
+    layer_cfg: SereConfig | None = None  # this layer's: cfg.for_layer(layer)
     threshold: float = 0.0
     calls: int = 0  # forward passes through this layer (aligns records across DP ranks)
     matrix: torch.Tensor = field(init=False)  # [E, E] float32, persistent
@@ -89,7 +90,7 @@ class LayerRoute:
             matrix, threshold = self.load_matrix(self.layer, cfg)
             self.matrix.copy_(matrix)  # in place: compiled graphs hold this buffer
         self.stats.switch_policy(cfg.policy)
-        self.cfg, self.threshold = cfg, threshold
+        self.cfg, self.layer_cfg, self.threshold = cfg, cfg.for_layer(self.layer), threshold
 
 
 class RoutingHook:
@@ -145,8 +146,8 @@ def route_layer(
     expert parallelism, `traffic`: `sere.vllm.traffic`) in place."""
     state = LAYERS[layer_name]
     num_tokens = topk_ids.shape[0]
-    cfg = state.cfg.at(num_tokens)  # policy "tuned": this step size's bucket config
-    threshold = state.threshold if cfg is state.cfg else cfg.threshold
+    cfg = state.layer_cfg.at(num_tokens)  # policy "tuned": this step size's bucket config
+    threshold = state.threshold if cfg is state.layer_cfg else cfg.threshold
     context = _context()
     own_padding = None if context is None else context.is_padding  # [>= own rows] bool
     # [T] bool. Where vLLM gathers every DP rank's tokens before routing, `is_padding` covers this
@@ -205,7 +206,7 @@ def _record(state: LayerRoute, applied, threshold, router_logits, weights_in, id
         "call": state.calls,
         "config_policy": state.cfg.policy,  # the engine's policy ("tuned" under a schedule)
         "policy": applied.policy,  # the policy this step applied
-        "bucket_label": policy.label(applied) if applied is not state.cfg else None,
+        "bucket_label": policy.label(applied) if applied is not state.layer_cfg else None,
         "num_primary": applied.num_primary,
         "max_distinct": applied.max_distinct,
         "threshold": threshold,
