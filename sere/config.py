@@ -149,6 +149,9 @@ class SereConfig(BaseModel):
             return self
         return self.loaded_schedule().config_for(step_tokens)
 
+    def __hash__(self) -> int:  # frozen, and usable as a dict key although layer_num_primary is a dict
+        return hash(tuple(tuple(sorted(v.items())) if isinstance(v, dict) else v for v in self.__dict__.values()))
+
     def for_layer(self, layer: int) -> "SereConfig":
         """The config of the MoE layer with decoder-layer index `layer`: `num_primary` from
         `layer_num_primary` where it names the layer, and no per-layer table."""

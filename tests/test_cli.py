@@ -31,8 +31,8 @@ OPTIONS = {
     "evaluate": ["--model", "--text", "--batch-size", "--policy", "--num-primary", "--threshold",
                  "--threshold-quantile", "--similarity", "--error", "--tolerance", "--keep-cost", "--max-distinct",
                  "--renormalize", "--refill", "--seq-len", "--num-batches", "--num-sequences", "--max-text-tokens",
-                 "--json", "--png", "--ep-size", "--ranks-per-node", "--node-limit", "--max-nodes", "--threads",
-                 "--schedule"],
+                 "--json", "--png", "--ep-size", "--ranks-per-node", "--node-limit", "--max-nodes",
+                 "--layer-num-primary", "--threads", "--schedule"],
     "tune": ["--model", "--text", "--max-ppl-increase", "--confidence", "--out", "--policies", "--error", "--seq-len",
              "--num-sequences", "--min-batches", "--max-text-tokens", "--threads"],
 }

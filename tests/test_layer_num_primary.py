@@ -1,6 +1,8 @@
 """Per-layer S (`SereConfig.layer_num_primary`, docs/spec.md §22): the config, the policy layer's
 refusal of an unresolved config, and the transformers hook against the loop oracle per layer."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -80,3 +82,18 @@ def test_hf_hook_refuses_a_layer_the_model_lacks():
     with pytest.raises(ValueError, match=r"names layer\(s\) \[2\]"):
         with routing_hook(model, SereConfig(policy="oea", num_primary=2, layer_num_primary={2: 1})):
             pass
+
+
+def test_evaluator_takes_a_layer_table(tmp_path):
+    from sere.hf import evaluate
+
+    model = Path(__file__).resolve().parents[1] / "models/tiny-moe"
+    common = ["--model", str(model), "--text", str(model / "heldout.txt"), "--batch-size", "2",
+              "--seq-len", "4", "--num-batches", "1", "--policy", "oea", "--num-primary", "4", "--threads", "1",
+              "--json", str(tmp_path / "eval.json")]
+    records = evaluate.main(common + ["--layer-num-primary", "1:3"])
+    assert [r["label"] for r in records if r["policy"] == "oea"] == ["oea S=4 L1:S=3"]
+    with pytest.raises(ValueError, match=r"layer_num_primary names layer\(s\) \[9\]"):
+        evaluate.main(common + ["--layer-num-primary", "9:3"])
+    with pytest.raises(SystemExit, match=r"LAYER:S pairs"):
+        evaluate.main(common + ["--layer-num-primary", "1-3"])

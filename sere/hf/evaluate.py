@@ -50,11 +50,21 @@ __all__ = ["DEFAULT_OPERATING_POINT", "hook_tables", "make_batches", "decode_loc
 DEFAULT_OPERATING_POINT = {"num_primary": 4, "threshold": 0.0}
 
 
+def _layer_table(pairs: list[str]) -> dict[int, int]:
+    """{layer: S} from --layer-num-primary LAYER:S ..."""
+    try:
+        return {int(layer): int(s) for layer, s in (pair.split(":") for pair in pairs)}
+    except ValueError:
+        raise SystemExit(f"--layer-num-primary takes LAYER:S pairs of integers (e.g. 1:3), got {pairs}") from None
+
+
 def _settings(args, top_k: int) -> list[SereConfig]:
     """The SereConfigs of the command line's cross product (policy x S x threshold/tolerance)."""
     common = {"max_decode_tokens": max(256, *args.batch_size)}  # every evaluated step is decode
     if args.node_limit:
         common.update(node_limit=args.node_limit, max_nodes=args.max_nodes)
+    if args.layer_num_primary:
+        common["layer_num_primary"] = _layer_table(args.layer_num_primary)
     settings = []
     for policy in dict.fromkeys(args.policy):
         if policy == TUNED:
@@ -207,9 +217,12 @@ def build_parser(prog: str = "python -m sere.evaluate") -> argparse.ArgumentPars
                         help="ranks per node of the virtual placement (default: %(default)s)")
     parser.add_argument("--node-limit", choices=("primary_nodes",),
                         help="node-aware re-routing (needs --ep-size): a token's secondary slots only go to "
-                             "experts on the nodes of its own top-S experts (docs/spec.md §15)")
+                             "experts on the nodes of its own top-S experts (docs/spec.md §21)")
     parser.add_argument("--max-nodes", type=int, metavar="M",
                         help="with --node-limit: at most M nodes per token in all (DeepSeek-V3 style)")
+    parser.add_argument("--layer-num-primary", nargs="+", metavar="LAYER:S",
+                        help="S per MoE layer (decoder-layer index), --num-primary elsewhere, e.g. 1:3 "
+                             "(docs/spec.md §22)")
     parser.add_argument("--threads", type=int, metavar="T",
                         help="torch CPU threads, >= 1 (default: torch's choice, about one per core)")
     return parser
