@@ -341,6 +341,8 @@ def narrow_sidecar(model_dir, tmp_path_factory) -> Path:
         ({"policy": "bogus"}, r"policy: .*'bogus' is unknown"),
         ({"policy": "sere", "num_primary": 8}, r"num_primary=8 must be smaller than the model's top_k=8"),
         ({"policy": "sere", "mystery": 1}, r"mystery: Extra inputs are not permitted"),
+        ({"policy": "oea", "layer_num_primary": {"9": 1}}, r"layer_num_primary names layer\(s\) \[9\]"),
+        ({"policy": "oea", "layer_num_primary": {"1": 8}}, r"layer_num_primary\[1\]=8 must be smaller .* top_k=8"),
         ({"policy": "sere", "similarity_path": "/nonexistent/sim.safetensors"}, r"sidecar not found"),
         ({"policy": "sere", "similarity_path": "{dir}/other_model.safetensors"}, r"32 experts.*has 64"),
     ],

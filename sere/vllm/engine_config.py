@@ -161,6 +161,8 @@ def validate_engine_config(vllm_config) -> SereConfig | None:
         raise ValueError(f"sere: hf_overrides['sere'] is set but {model_config.model!r} has no routed experts")
     try:
         cfg.check_model(top_k=top_k, num_experts=num_experts)
+        if cfg.layer_num_primary:
+            cfg.check_layers(list(range(model_config.hf_text_config.num_hidden_layers)))
     except ValueError as exc:
         where = "hf_overrides['sere']" if source == "hf_overrides" else f"${ENV_CONFIG}"
         raise ValueError(f"sere: invalid SERE config in {where} for {model_config.model!r}: {exc}") from None

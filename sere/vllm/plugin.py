@@ -195,8 +195,7 @@ def _attach(runner) -> RoutingHook | None:
             return matrix, sidecar.threshold_for(layer, cfg.threshold_quantile)
         return matrix, cfg.threshold
 
-    try:  # a layer index past the model's layers is an error (vLLM hooks one MoE layer at a time)
-        cfg.check_layers(list(range(model_config.hf_text_config.num_hidden_layers)) if cfg.layer_num_primary else [])
+    try:
         hook = RoutingHook(
             router._compute_routing,
             cfg=cfg,
